@@ -1,0 +1,13 @@
+"""MUDD (multiway dynamic dense) models for Hugging Face transformers."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_muddpythia import MUDDPythiaConfig
+from .modeling_muddpythia import MUDDPythiaForCausalLM, MUDDPythiaModel
+from .muddify import muddify
+
+AutoConfig.register(MUDDPythiaConfig.model_type, MUDDPythiaConfig, exist_ok=True)
+AutoModel.register(MUDDPythiaConfig, MUDDPythiaModel, exist_ok=True)
+AutoModelForCausalLM.register(MUDDPythiaConfig, MUDDPythiaForCausalLM, exist_ok=True)
+
+__all__ = ["MUDDPythiaConfig", "MUDDPythiaModel", "MUDDPythiaForCausalLM", "muddify"]
