@@ -46,7 +46,8 @@ def reallocated_ffn_width(intermediate_size: int, layer_idx: int, num_layers: in
 
 
 class MUDDRMSNorm(nn.Module):
-    """RMSNorm computed in float32; `elementwise_affine=False` gives the scale-free norm of the weight generator.
+    """RMSNorm computed in (at least) float32; `elementwise_affine=False` gives the scale-free norm of the weight
+    generator.
 
     Input `[..., hidden_size]`, output of the same shape and dtype.
     """
@@ -58,7 +59,7 @@ class MUDDRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = (hidden_states * torch.rsqrt(variance + self.eps)).to(input_dtype)
         if self.weight is None:
