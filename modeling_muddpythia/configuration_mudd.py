@@ -31,6 +31,10 @@ class MUDDDecoderConfig(PreTrainedConfig):
     """
 
     keys_to_ignore_at_inference = ["past_key_values"]
+    _POSITIVE_INT_FIELDS = (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "intermediate_size", "max_position_embeddings",
+    )
 
     def __init__(
         self,
@@ -95,6 +99,8 @@ class MUDDDecoderConfig(PreTrainedConfig):
         self.separate_stream_norms_first_layer = separate_stream_norms_first_layer
         self.dense_prenorm = dense_prenorm
         self.dense_postnorm = dense_postnorm
+        for name in self._POSITIVE_INT_FIELDS:
+            _check_positive_int(name, getattr(self, name))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_mudd()
 
@@ -120,10 +126,7 @@ class MUDDDecoderConfig(PreTrainedConfig):
     # ------------------------------------------------------------------ validation
     def validate_mudd(self) -> None:
         """Raise `ValueError` naming the first invalid field."""
-        for name in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "max_position_embeddings",
-        ):
+        for name in self._POSITIVE_INT_FIELDS:
             _check_positive_int(name, getattr(self, name))
         if self.head_dim is not None:
             _check_positive_int("head_dim", self.head_dim)
@@ -140,7 +143,7 @@ class MUDDDecoderConfig(PreTrainedConfig):
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
-            name = {v: k for k, v in self.attribute_map.items()}.get("norm_eps", "norm_eps")
+            name = self.attribute_map.get("norm_eps", "norm_eps")
             raise ValueError(f"`{name}` must be a positive number, got {self.norm_eps!r}")
         if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
             raise ValueError(f"`initializer_range` must be a non-negative number, got {self.initializer_range!r}")
