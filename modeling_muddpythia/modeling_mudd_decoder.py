@@ -372,7 +372,9 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
             past_key_values = DynamicCache(config=config)
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         total_length = past_seen_tokens + inputs_embeds.shape[1]
-        if total_length > config.max_position_embeddings:
+        # A StaticCache counts its length in a tensor (bounded by its own size): comparing it here would sync the
+        # device and break `torch.compile` graphs, so only plain integer lengths are checked.
+        if isinstance(total_length, int) and total_length > config.max_position_embeddings:
             raise ValueError(
                 f"Input of {total_length} tokens (cache {past_seen_tokens} + new {inputs_embeds.shape[1]}) is longer "
                 f"than `max_position_embeddings` ({config.max_position_embeddings})"

@@ -140,7 +140,7 @@ def test_depth_aggregate_gradients():
         stack = DenseStateStack(xs[0], 6)
         for x in xs[1:]:
             stack.append(x)
-        return aggregate_states(w, stack)
+        return torch.stack(aggregate_states(w, stack), 2)
 
     assert torch.autograd.gradcheck(aggregate, (weights, *states))
     plain = torch.einsum("btcj,jbtd->btcd", weights, torch.stack(states))
