@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .configuration_muddformer import MUDDFormerConfig
 from .configuration_muddpythia import MUDDPythiaConfig
 from .mudd import MUDDDenseConnections
+from .modeling_muddformer import MUDDFormerForCausalLM
 from .modeling_muddpythia import MUDDPythiaForCausalLM
 
 
@@ -51,6 +53,29 @@ def _build_like(model_class: type[nn.Module], config, source: nn.Module, state: 
     return model
 
 
+# Fields that mean the same in transformers' source configs and in ours.
+_SHARED_CONFIG_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "max_position_embeddings", "initializer_range", "tie_word_embeddings", "attention_bias", "attention_dropout",
+    "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+def _identity_compatible_config(config_class: type, source_config, **family_fields):
+    """`config_class` with the source's shared fields, RoPE and attention implementation, and the MUDD options a
+    plain model has no weights for switched off (qk-norm, FFN re-allocation); `family_fields` add the rest."""
+    shared = {name: getattr(source_config, name) for name in _SHARED_CONFIG_FIELDS}
+    config = config_class(
+        **shared,
+        rope_parameters=dict(source_config.rope_parameters),
+        use_qk_norm=False,
+        ffn_width_reallocation=False,
+        **family_fields,
+    )
+    config._attn_implementation = source_config._attn_implementation
+    return config
+
+
 def _split_fused_qkv(weight: torch.Tensor, num_heads: int) -> Iterator[torch.Tensor]:
     """GPT-NeoX's fused `query_key_value` is laid out per head as `[q_h, k_h, v_h]` on the output dim."""
     per_head = weight.reshape(num_heads, 3, -1, *weight.shape[1:])
@@ -60,31 +85,14 @@ def _split_fused_qkv(weight: torch.Tensor, num_heads: int) -> Iterator[torch.Ten
 
 def _muddify_gpt_neox(model: nn.Module) -> MUDDPythiaForCausalLM:
     source_config = model.config
-    rope = dict(source_config.rope_parameters)
-    config = MUDDPythiaConfig(
-        vocab_size=source_config.vocab_size,
-        hidden_size=source_config.hidden_size,
-        num_hidden_layers=source_config.num_hidden_layers,
-        num_attention_heads=source_config.num_attention_heads,
-        intermediate_size=source_config.intermediate_size,
-        hidden_act=source_config.hidden_act,
-        max_position_embeddings=source_config.max_position_embeddings,
-        initializer_range=source_config.initializer_range,
+    config = _identity_compatible_config(
+        MUDDPythiaConfig,
+        source_config,
         layer_norm_eps=source_config.layer_norm_eps,
-        tie_word_embeddings=source_config.tie_word_embeddings,
         use_parallel_residual=source_config.use_parallel_residual,
-        attention_bias=source_config.attention_bias,
         mlp_bias=True,
-        attention_dropout=source_config.attention_dropout,
         hidden_dropout=source_config.hidden_dropout,
-        rope_parameters=rope,
-        use_qk_norm=False,
-        ffn_width_reallocation=False,
-        bos_token_id=source_config.bos_token_id,
-        eos_token_id=source_config.eos_token_id,
-        pad_token_id=source_config.pad_token_id,
     )
-    config._attn_implementation = source_config._attn_implementation
     source = model.state_dict()
     state = {
         "model.embed_tokens.weight": source["gpt_neox.embed_in.weight"],
@@ -109,15 +117,45 @@ def _muddify_gpt_neox(model: nn.Module) -> MUDDPythiaForCausalLM:
     return _build_like(MUDDPythiaForCausalLM, config, model, state)
 
 
+def _muddify_llama(model: nn.Module) -> MUDDFormerForCausalLM:
+    source_config = model.config
+    config = _identity_compatible_config(
+        MUDDFormerConfig,
+        source_config,
+        num_key_value_heads=source_config.num_key_value_heads,
+        head_dim=source_config.head_dim,
+        rms_norm_eps=source_config.rms_norm_eps,
+        mlp_bias=source_config.mlp_bias,
+    )
+    source = model.state_dict()
+    # Llama's projection names are ours; only the norms are renamed (one pre-attention norm -> one per stream).
+    state = {name: tensor for name, tensor in source.items() if ".self_attn." in name or ".mlp." in name}
+    state.update({
+        "model.embed_tokens.weight": source["model.embed_tokens.weight"],
+        "model.norm.weight": source["model.norm.weight"],
+        "lm_head.weight": model.get_output_embeddings().weight,
+    })
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        for norm_idx in range(3 if config.uses_separate_stream_norms(i) else 1):
+            state[f"{prefix}attention_norms.{norm_idx}.weight"] = source[f"{prefix}input_layernorm.weight"]
+        state[f"{prefix}mlp_norm.weight"] = source[f"{prefix}post_attention_layernorm.weight"]
+    return _build_like(MUDDFormerForCausalLM, config, model, state)
+
+
 # Source class name -> converter. Other families register here.
-MUDDIFIERS: dict[str, Callable[[nn.Module], nn.Module]] = {"GPTNeoXForCausalLM": _muddify_gpt_neox}
+MUDDIFIERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "GPTNeoXForCausalLM": _muddify_gpt_neox,
+    "LlamaForCausalLM": _muddify_llama,
+}
 
 
 def muddify(model: nn.Module) -> nn.Module:
     """Return the MUDD model equivalent to `model` (same device, dtype and train/eval mode).
 
-    Supported sources: transformers' `GPTNeoXForCausalLM` -> `MUDDPythiaForCausalLM` (qk-norm and FFN
-    re-allocation off, fused qkv split, identity dense connections).
+    Supported sources (qk-norm and FFN re-allocation off, identity dense connections):
+    transformers' `GPTNeoXForCausalLM` -> `MUDDPythiaForCausalLM` (fused qkv split) and
+    `LlamaForCausalLM` -> `MUDDFormerForCausalLM` (grouped-query attention and biases kept).
     """
     converter = MUDDIFIERS.get(type(model).__name__)
     if converter is None:
