@@ -54,9 +54,9 @@ def main() -> int:
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     for num_streams, num_states, hidden in ((4, 3, 96), (4, 13, 2048), (1, 33, 2560)):
-        states = [torch.randn(2, 37, hidden, device="cuda", generator=generator, requires_grad=True)
+        states = [torch.randn(2, 160, hidden, device="cuda", generator=generator, requires_grad=True)
                   for _ in range(num_states)]
-        weights = torch.randn(2, 37, num_streams, num_states, device="cuda", generator=generator, requires_grad=True)
+        weights = torch.randn(2, 160, num_streams, num_states, device="cuda", generator=generator, requires_grad=True)
         stack = DenseStateStack(states[0], num_states + 2)
         for state in states[1:]:
             stack.append(state)

@@ -69,34 +69,47 @@ class MUDDRMSNorm(nn.Module):
         return f"eps={self.eps}, elementwise_affine={self.weight is not None}"
 
 
+class _StateStorage:
+    """The autograd-free part of a `DenseStateStack`, which the backward pass keeps (holding the state tensors
+    there would tie the graph into a reference cycle and keep every activation alive until garbage collection).
+
+    `buffer` `[batch, seq, capacity, hidden]` holds each state once; `grad_buffer` (same layout) collects each
+    state's gradient from all the aggregations that read it. `first_reader[j]` is the number of states of the
+    first aggregation that read `X_j`: running last in backward, it hands the completed gradient to autograd.
+    `largest_reader` is the aggregation that runs first in backward and starts a fresh `grad_buffer`.
+    """
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self.grad_buffer: torch.Tensor | None = None
+        self.first_reader: list[int] = [0] * buffer.shape[2]
+        self.largest_reader = 0
+
+
 class DenseStateStack:
     """The states `X_0 .. X_j` seen so far in one forward pass.
 
-    `buffer` (`[batch, seq, capacity, hidden]`, each state written once) lets every aggregation read all earlier
-    states with one kernel instead of re-stacking them at each layer; `states` keeps the autograd-tracked tensors.
-    In backward, `grad_buffer` collects each state's gradient from all the aggregations that read it, so that the
-    O(L^2) per-layer gradient tensors and their sums never exist (see `_DepthAggregate`).
+    Each state is written once into `storage.buffer` (`[batch, seq, capacity, hidden]`), from which every
+    aggregation reads all earlier states with one kernel instead of re-stacking them at each layer; `states`
+    keeps the autograd-tracked tensors so that gradients reach each block.
     """
 
     def __init__(self, first_state: torch.Tensor, capacity: int, device: torch.device | None = None):
         batch_size, seq_length, hidden_size = first_state.shape
-        self.buffer = first_state.new_empty(
-            batch_size, seq_length, capacity, hidden_size, device=device or first_state.device
-        )
-        self.grad_buffer: torch.Tensor | None = None
-        # first_reader[j]: number of states of the first aggregation that read X_j (the one that, running last in
-        # backward, hands X_j's accumulated gradient to autograd); largest_reader: the aggregation that runs first.
-        self.first_reader: list[int] = []
-        self.largest_reader = 0
+        buffer = first_state.new_empty(batch_size, seq_length, capacity, hidden_size, device=device or first_state.device)
+        self.storage = _StateStorage(buffer)
         self.states: list[torch.Tensor] = []
         self.append(first_state)
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self.storage.buffer
 
     def append(self, state: torch.Tensor) -> None:
         if len(self.states) >= self.buffer.shape[2]:
             raise RuntimeError(f"DenseStateStack holds at most {self.buffer.shape[2]} states")
         self.buffer[:, :, len(self.states)] = state.detach()
         self.states.append(state)
-        self.first_reader.append(0)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -106,33 +119,33 @@ class _DepthAggregate(torch.autograd.Function):
     """`streams[c] = sum_j weights[..., c, j] * X_j` over the first `J` states of a `DenseStateStack`.
 
     Nothing of size `[.., J, hidden]` is saved per layer: the states are read back from the stack's buffer (later
-    layers only write slots >= J). Gradients of the states are accumulated into the stack's `grad_buffer`; the
+    layers only write slots >= J). Gradients of the states are accumulated into the storage's `grad_buffer`; the
     aggregation that read `X_j` first in forward (in a model: the one after block `j - 1`) runs last in backward,
-    when the slot is complete, and it alone hands the gradient of `X_j` to autograd.
+    when the slot is complete, and it alone hands the gradient of `X_j` to autograd, so that the O(L^2) per-layer
+    gradient tensors of a plain implementation and their sums never exist.
     On CUDA the work is done by the Triton kernels of `mudd_triton.py`; elsewhere by batched matmuls.
     """
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, stack: DenseStateStack, *states: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weights: torch.Tensor, storage: _StateStorage, *states: torch.Tensor) -> torch.Tensor:
         num_states = len(states)
         ctx.save_for_backward(weights)
-        ctx.stack = stack
+        ctx.storage = storage
         ctx.num_states = num_states
         for j in range(num_states):
-            stack.first_reader[j] = stack.first_reader[j] or num_states
-        stack.largest_reader = max(stack.largest_reader, num_states)
-        return _aggregate_forward(weights, stack.buffer, num_states)
+            storage.first_reader[j] = storage.first_reader[j] or num_states
+        storage.largest_reader = max(storage.largest_reader, num_states)
+        return _aggregate_forward(weights, storage.buffer, num_states)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (weights,) = ctx.saved_tensors
-        stack, num_states = ctx.stack, ctx.num_states
-        if stack.grad_buffer is None or num_states == stack.largest_reader:
-            # The largest aggregation runs first in backward: a fresh buffer for this backward pass.
-            stack.grad_buffer = torch.zeros_like(stack.buffer)
-        grad_weights = _aggregate_backward(weights, stack.buffer, stack.grad_buffer, grad_output, num_states)
+        storage, num_states = ctx.storage, ctx.num_states
+        if storage.grad_buffer is None or num_states == storage.largest_reader:
+            storage.grad_buffer = torch.zeros_like(storage.buffer)  # a new backward pass starts here
+        grad_weights = _aggregate_backward(weights, storage.buffer, storage.grad_buffer, grad_output, num_states)
         grad_states = [
-            stack.grad_buffer[:, :, j] if stack.first_reader[j] == num_states and ctx.needs_input_grad[2 + j] else None
+            storage.grad_buffer[:, :, j] if storage.first_reader[j] == num_states and ctx.needs_input_grad[2 + j] else None
             for j in range(num_states)
         ]
         return (grad_weights if ctx.needs_input_grad[0] else None, None, *grad_states)
@@ -168,7 +181,7 @@ def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> tuple[tor
     weights = weights.to(stack.buffer.dtype).contiguous()
     states = [s.to(stack.buffer.device) for s in stack.states]
     if torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in states)):
-        return _DepthAggregate.apply(weights, stack, *states).unbind(0)
+        return _DepthAggregate.apply(weights, stack.storage, *states).unbind(0)
     return _aggregate_forward(weights, stack.buffer, num_states).unbind(0)
 
 

@@ -47,34 +47,28 @@ if triton is not None:
     def _aggregate_backward_kernel(
         weights, states, grad_out, grad_states, grad_weights, num_states, hidden,
         stride_wp, stride_wc, stride_sp, stride_sj, stride_gc, stride_gp,
-        NUM_STREAMS: tl.constexpr, STREAMS_POW2: tl.constexpr, STATES_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
+        NUM_STREAMS: tl.constexpr, STREAMS_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # grad_states[p, j] += sum_c W[p, c, j] * G[c, p];  grad_weights[p, c, j] = <G[c, p], X[p, j]>
+        # grad_states[p, j] += sum_c W[p, c, j] * G[c, p];  grad_weights[p, c, j] += <G[c, p], X[p, j]> over this
+        # block of the hidden dim (float32 atomics: the blocks of one position run in parallel).
         position = tl.program_id(0)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < hidden
         offs_c = tl.arange(0, STREAMS_POW2)
-        offs_j = tl.arange(0, STATES_POW2)
         mask_c = offs_c < NUM_STREAMS
-        grad_w = tl.zeros([STREAMS_POW2, STATES_POW2], dtype=tl.float32)
-        for d0 in range(0, hidden, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < hidden
-            g = tl.load(
-                grad_out + offs_c[:, None] * stride_gc + position * stride_gp + offs_d[None, :],
-                mask=mask_c[:, None] & mask_d[None, :], other=0.0,
-            ).to(tl.float32)
-            for j in range(num_states):
-                w = tl.load(weights + position * stride_wp + offs_c * stride_wc + j, mask=mask_c, other=0.0)
-                x = tl.load(states + position * stride_sp + j * stride_sj + offs_d, mask=mask_d, other=0.0)
-                grad_ptrs = grad_states + position * stride_sp + j * stride_sj + offs_d
-                previous = tl.load(grad_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                update = tl.sum(w.to(tl.float32)[:, None] * g, axis=0)
-                tl.store(grad_ptrs, (previous + update).to(grad_states.dtype.element_ty), mask=mask_d)
-                partial = tl.sum(g * x.to(tl.float32)[None, :], axis=1)
-                grad_w += tl.where(offs_j[None, :] == j, partial[:, None], 0.0)
-        tl.store(
-            grad_weights + position * stride_wp + offs_c[:, None] * stride_wc + offs_j[None, :],
-            grad_w.to(grad_weights.dtype.element_ty), mask=mask_c[:, None] & (offs_j[None, :] < num_states),
-        )
+        g = tl.load(
+            grad_out + offs_c[:, None] * stride_gc + position * stride_gp + offs_d[None, :],
+            mask=mask_c[:, None] & mask_d[None, :], other=0.0,
+        ).to(tl.float32)
+        for j in range(num_states):
+            w = tl.load(weights + position * stride_wp + offs_c * stride_wc + j, mask=mask_c, other=0.0)
+            x = tl.load(states + position * stride_sp + j * stride_sj + offs_d, mask=mask_d, other=0.0)
+            grad_ptrs = grad_states + position * stride_sp + j * stride_sj + offs_d
+            previous = tl.load(grad_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+            update = tl.sum(w.to(tl.float32)[:, None] * g, axis=0)
+            tl.store(grad_ptrs, (previous + update).to(grad_states.dtype.element_ty), mask=mask_d)
+            partial = tl.sum(g * x.to(tl.float32)[None, :], axis=1)
+            tl.atomic_add(grad_weights + position * stride_wp + offs_c * stride_wc + j, partial, mask=mask_c)
 
 
 def triton_aggregate_forward(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
@@ -105,11 +99,11 @@ def triton_aggregate_backward(
     batch, seq, num_streams, _ = weights.shape
     hidden = buffer.shape[-1]
     positions = batch * seq
-    grad_weights = torch.empty_like(weights)
-    _aggregate_backward_kernel[(positions,)](
+    grad_weights = torch.zeros(weights.shape, device=weights.device, dtype=torch.float32)
+    block_d = min(512, triton.next_power_of_2(hidden))
+    _aggregate_backward_kernel[(positions, triton.cdiv(hidden, block_d))](
         weights, buffer, grad_out, grad_buffer, grad_weights, num_states, hidden,
         weights.stride(1), weights.stride(2), buffer.stride(1), buffer.stride(2), grad_out.stride(0), hidden,
-        NUM_STREAMS=num_streams, STREAMS_POW2=max(2, triton.next_power_of_2(num_streams)),
-        STATES_POW2=max(2, triton.next_power_of_2(num_states)), BLOCK_D=min(256, triton.next_power_of_2(hidden)),
+        NUM_STREAMS=num_streams, STREAMS_POW2=max(2, triton.next_power_of_2(num_streams)), BLOCK_D=block_d,
     )
-    return grad_weights
+    return grad_weights.to(weights.dtype)
