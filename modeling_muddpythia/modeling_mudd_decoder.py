@@ -195,9 +195,14 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
 
     Parallel residual: `out = R + attn(...) + mlp(mlp_norm(R))`; sequential: `h = R + attn(...)`,
     `out = h + mlp(mlp_norm(h))`.
+
+    `attention` replaces the causal rotary `MUDDAttention` (MUDDViT passes its bidirectional attention); it is called
+    as `attention(q, k, v, attention_mask=, position_embeddings=, past_key_values=, **kwargs)`.
     """
 
-    def __init__(self, config, layer_idx: int, norm_class: type[nn.Module], mlp: nn.Module):
+    def __init__(
+        self, config, layer_idx: int, norm_class: type[nn.Module], mlp: nn.Module, attention: nn.Module | None = None
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.use_parallel_residual = config.use_parallel_residual
@@ -205,7 +210,7 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
         self.attention_norms = nn.ModuleList(
             norm_class(config.hidden_size, eps=config.norm_eps) for _ in range(num_norms)
         )
-        self.self_attn = MUDDAttention(config, layer_idx)
+        self.self_attn = MUDDAttention(config, layer_idx) if attention is None else attention
         self.mlp_norm = norm_class(config.hidden_size, eps=config.norm_eps)
         self.mlp = mlp
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -248,7 +253,24 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
-class MUDDDecoderPreTrainedModel(PreTrainedModel):
+class MUDDAutoMapMixin:
+    """For a `PreTrainedModel` of a MUDD family: `save_pretrained` writes an `auto_map` covering every Auto class in
+    the family's `_auto_map_entries` (`register_for_auto_class` records only one per class)."""
+
+    _auto_map_entries: dict[str, str] = {}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual; with remote code, `auto_map` covers AutoConfig, AutoModel and the task Auto class."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        module = self.__class__.__module__.split(".")[-1]
+        for auto_class, class_name in self._auto_map_entries.items():
+            auto_map.setdefault(auto_class, f"{module}.{class_name}")
+        if auto_map:
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MUDDDecoderPreTrainedModel(MUDDAutoMapMixin, PreTrainedModel):
     """Weight init and capabilities common to the MUDD decoders. Family subclasses set `config_class`,
     `norm_class`, `mlp_class` and `_no_split_modules`."""
 
@@ -273,16 +295,6 @@ class MUDDDecoderPreTrainedModel(PreTrainedModel):
                 module.inv_freq.copy_(inv_freq)
                 module.original_inv_freq.copy_(inv_freq)
         init_dense_connection_(module)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual; with remote code, `auto_map` covers AutoConfig, AutoModel and the task Auto class."""
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        module = self.__class__.__module__.split(".")[-1]
-        for auto_class, class_name in getattr(self, "_auto_map_entries", {}).items():
-            auto_map.setdefault(auto_class, f"{module}.{class_name}")
-        if auto_map:
-            self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
