@@ -9,7 +9,6 @@ query, key, value and residual inputs of the next block. Blocks are the shared M
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +16,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_muddvit import MUDDViTConfig
-from .modeling_mudd_decoder import MUDDAutoMapMixin, MUDDDecoderLayer, eager_attention_forward
+from .modeling_mudd_decoder import MUDDAutoMapMixin, MUDDDecoderLayer, attend_and_project, run_mudd_blocks
 from .mudd import MUDDDenseConnections, init_dense_connection_
 
 
@@ -117,7 +115,7 @@ class MUDDViTAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.attention_head_dim
-        self.num_key_value_groups = 1  # read by the shared eager attention
+        self.num_key_value_groups = 1  # read by the shared eager attention (no grouped-query attention here)
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_probs_dropout_prob
         self.is_causal = False
@@ -144,26 +142,13 @@ class MUDDViTAttention(nn.Module):
         always None here. With `output_attentions` the eager path runs, whatever `attn_implementation` is, so that
         the probabilities `[batch, heads, seq, seq]` exist.
         """
-        input_shape = query_input.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+        hidden_shape = (*query_input.shape[:-1], -1, self.head_dim)
         query = self.q_proj(query_input).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(key_input).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(value_input).view(hidden_shape).transpose(1, 2)
 
         implementation = "eager" if output_attentions else self.config._attn_implementation
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        return attend_and_project(self, query, key, value, attention_mask, implementation, **kwargs)
 
 
 class MUDDViTMLP(nn.Module):
@@ -212,25 +197,15 @@ class MUDDViTEncoder(nn.Module):
     ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
         """`X_0` `[batch, seq, hidden]` -> (the last dense connection's single stream `[batch, seq, hidden]`,
         `(X_0, ..., X_L)` or None, per-block attention probabilities or None, per-block dense weights or None)."""
-        stack = self.dense.start(hidden_states)
-        streams: tuple[torch.Tensor, ...] = (hidden_states,)
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        all_attentions = [] if output_attentions else None
-        all_dense_weights = [] if output_dense_weights else None
-        for layer_idx, layer in enumerate(self.layers):
-            hidden_states, attn_weights = layer(streams, output_attentions=output_attentions, **kwargs)
-            streams, dense_weights = self.dense(layer_idx, hidden_states, stack)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            if output_attentions:
-                all_attentions.append(attn_weights)
-            if output_dense_weights:
-                all_dense_weights.append(dense_weights)
-        return (
-            streams[0],
-            tuple(all_hidden_states) if output_hidden_states else None,
-            tuple(all_attentions) if output_attentions else None,
-            tuple(all_dense_weights) if output_dense_weights else None,
+        return run_mudd_blocks(
+            self.layers,
+            self.dense,
+            hidden_states,
+            collect_hidden_states=output_hidden_states,
+            collect_attentions=output_attentions,
+            collect_dense_weights=output_dense_weights,
+            output_attentions=output_attentions,  # makes the attention compute the probabilities
+            **kwargs,
         )
 
 

@@ -125,31 +125,25 @@ def _muddify_gpt_neox(model: nn.Module) -> MUDDPythiaForCausalLM:
     return _build_like(MUDDPythiaForCausalLM, config, model, state)
 
 
+# ViTConfig fields that mean the same in MUDDViTConfig (which keeps ViT's names).
+_VIT_CONFIG_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
+    "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps", "image_size", "patch_size", "num_channels",
+    "qkv_bias", "problem_type",
+)
+
+
 def _muddify_vit(model: nn.Module) -> MUDDViTForImageClassification:
     source_config = model.config
     config = MUDDViTConfig(
-        hidden_size=source_config.hidden_size,
-        num_hidden_layers=source_config.num_hidden_layers,
-        num_attention_heads=source_config.num_attention_heads,
-        intermediate_size=source_config.intermediate_size,
-        hidden_act=source_config.hidden_act,
-        hidden_dropout_prob=source_config.hidden_dropout_prob,
-        attention_probs_dropout_prob=source_config.attention_probs_dropout_prob,
-        initializer_range=source_config.initializer_range,
-        layer_norm_eps=source_config.layer_norm_eps,
-        image_size=source_config.image_size,
-        patch_size=source_config.patch_size,
-        num_channels=source_config.num_channels,
-        qkv_bias=source_config.qkv_bias,
+        **{name: getattr(source_config, name) for name in _VIT_CONFIG_FIELDS},
         id2label=dict(source_config.id2label),
         label2id=dict(source_config.label2id),
-        problem_type=source_config.problem_type,
     )
     config._attn_implementation = source_config._attn_implementation
     source = model.state_dict()
-    state = {f"vit.embeddings.{name}": source[f"vit.embeddings.{name}"] for name in (
-        "cls_token", "position_embeddings", "patch_embeddings.projection.weight", "patch_embeddings.projection.bias"
-    )}
+    embeddings = ("cls_token", "position_embeddings", "patch_embeddings.projection.weight", "patch_embeddings.projection.bias")
+    state = {f"vit.embeddings.{name}": source[f"vit.embeddings.{name}"] for name in embeddings}
     for kind in ("weight", "bias"):
         state[f"vit.layernorm.{kind}"] = source[f"vit.layernorm.{kind}"]
         if config.num_labels > 0:

@@ -119,17 +119,36 @@ def reference_vit_logits(
     return cls_state @ head_weight.T + head_bias
 
 
+def _float64_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
+
+
+def _norm(sd: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return sd[prefix + ".weight"], sd[prefix + ".bias"]
+
+
+def _embeddings_and_head(sd: dict) -> dict:
+    """Entries both models name alike (transformers ViT layout, which MUDDViT keeps for these)."""
+    return {
+        "patch_weight": sd["vit.embeddings.patch_embeddings.projection.weight"],
+        "patch_bias": sd["vit.embeddings.patch_embeddings.projection.bias"],
+        "cls": sd["vit.embeddings.cls_token"].reshape(-1),
+        "positions": sd["vit.embeddings.position_embeddings"][0],
+        "final_norm": _norm(sd, "vit.layernorm"),
+        "head": _norm(sd, "classifier") if "classifier.weight" in sd else None,
+    }
+
+
 def vit_params_from_model(model) -> dict:
     """Read a `MUDDViTForImageClassification`'s parameters (float64) by their documented names."""
-    sd = {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
-    pair = lambda prefix: (sd[prefix + ".weight"], sd[prefix + ".bias"])  # noqa: E731
+    sd = _float64_state(model)
     layers, dense = [], []
     for i in range(model.config.num_hidden_layers):
         pre = f"vit.encoder.layers.{i}."
         n_norms = 3 if f"{pre}attention_norms.1.weight" in sd else 1
         layer = {
-            "attn_norms": [pair(f"{pre}attention_norms.{j}") for j in range(n_norms)],
-            "mlp_norm": pair(f"{pre}mlp_norm"),
+            "attn_norms": [_norm(sd, f"{pre}attention_norms.{j}") for j in range(n_norms)],
+            "mlp_norm": _norm(sd, f"{pre}mlp_norm"),
             "w1": sd[f"{pre}mlp.up_proj.weight"], "b1": sd[f"{pre}mlp.up_proj.bias"],
             "w2": sd[f"{pre}mlp.down_proj.weight"], "b2": sd[f"{pre}mlp.down_proj.bias"],
         }
@@ -140,42 +159,23 @@ def vit_params_from_model(model) -> dict:
         dpre = f"vit.encoder.dense.layers.{i}."
         dense.append({"b": sd[dpre + "static_weights"], "W1": sd.get(dpre + "proj_in.weight"),
                       "W2": sd.get(dpre + "proj_out.weight")})
-    return {
-        "patch_weight": sd["vit.embeddings.patch_embeddings.projection.weight"],
-        "patch_bias": sd["vit.embeddings.patch_embeddings.projection.bias"],
-        "cls": sd["vit.embeddings.cls_token"].reshape(-1),
-        "positions": sd["vit.embeddings.position_embeddings"][0],
-        "layers": layers,
-        "dense": dense,
-        "final_norm": pair("vit.layernorm"),
-        "head": pair("classifier") if "classifier.weight" in sd else None,
-    }
+    return {**_embeddings_and_head(sd), "layers": layers, "dense": dense}
 
 
 def vit_params_from_transformers_vit(model) -> dict:
     """Read transformers' `ViTForImageClassification` (float64) into the neutral structure (plain residual)."""
-    sd = {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
-    pair = lambda prefix: (sd[prefix + ".weight"], sd[prefix + ".bias"])  # noqa: E731
+    sd = _float64_state(model)
     layers = []
     for i in range(model.config.num_hidden_layers):
         pre = f"vit.layers.{i}."
-        layer = {"attn_norms": [pair(pre + "layernorm_before")], "mlp_norm": pair(pre + "layernorm_after"),
+        layer = {"attn_norms": [_norm(sd, pre + "layernorm_before")], "mlp_norm": _norm(sd, pre + "layernorm_after"),
                  "w1": sd[pre + "mlp.fc1.weight"], "b1": sd[pre + "mlp.fc1.bias"],
                  "w2": sd[pre + "mlp.fc2.weight"], "b2": sd[pre + "mlp.fc2.bias"]}
         for short in "qkvo":
             layer["w" + short] = sd[f"{pre}attention.{short}_proj.weight"]
             layer["b" + short] = sd.get(f"{pre}attention.{short}_proj.bias")
         layers.append(layer)
-    return {
-        "patch_weight": sd["vit.embeddings.patch_embeddings.projection.weight"],
-        "patch_bias": sd["vit.embeddings.patch_embeddings.projection.bias"],
-        "cls": sd["vit.embeddings.cls_token"].reshape(-1),
-        "positions": sd["vit.embeddings.position_embeddings"][0],
-        "layers": layers,
-        "dense": None,
-        "final_norm": pair("vit.layernorm"),
-        "head": pair("classifier"),
-    }
+    return {**_embeddings_and_head(sd), "layers": layers, "dense": None}
 
 
 def vit_params_from_npz(arrays: dict[str, np.ndarray]) -> dict:
