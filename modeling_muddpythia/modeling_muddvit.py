@@ -9,6 +9,7 @@ query, key, value and residual inputs of the next block. Blocks are the shared M
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import logging
 
 from .configuration_muddvit import MUDDViTConfig
 from .modeling_mudd_decoder import MUDDAutoMapMixin, MUDDDecoderLayer, attend_and_project, run_mudd_blocks
 from .mudd import MUDDDenseConnections, init_dense_connection_
 
+
+logger = logging.get_logger(__name__)
 
 @dataclass
 class MUDDViTModelOutput(BaseModelOutputWithPooling):
@@ -227,6 +231,21 @@ class MUDDViTPreTrainedModel(MUDDAutoMapMixin, PreTrainedModel):
         "AutoModel": "MUDDViTModel",
         "AutoModelForImageClassification": "MUDDViTForImageClassification",
     }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual, plus the standard ViT image processor (`build_image_processor`) when the folder has none
+        yet, so that `AutoImageProcessor` and `pipeline("image-classification")` work on any saved folder. A
+        processor saved there before or after (e.g. by `Trainer` with `processing_class`) is left alone / wins."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        processor_file = os.path.join(save_directory, "preprocessor_config.json")
+        if kwargs.get("is_main_process", True) and not os.path.exists(processor_file):
+            try:
+                processor = build_image_processor(self.config)
+            except ImportError as error:
+                logger.warning(f"No image processor saved beside the model ({error}); install pillow to get one.")
+            else:
+                processor.save_pretrained(save_directory)
+        return result
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -273,15 +273,17 @@ def test_save_load_remote_code_and_pipeline(tmp_path):
     model = MUDDViTForImageClassification(tiny_config()).eval()
     randomize_(model, seed=7)
     folder = tmp_path / "muddvit"
-    model.save_pretrained(folder)
-    build_image_processor(model.config).save_pretrained(folder)
+    model.save_pretrained(folder)  # also writes the standard ViT image processor
     saved = json.loads((folder / "config.json").read_text())
     assert saved["auto_map"] == {
         "AutoConfig": "configuration_muddvit.MUDDViTConfig",
         "AutoModel": "modeling_muddvit.MUDDViTModel",
         "AutoModelForImageClassification": "modeling_muddvit.MUDDViTForImageClassification",
     }
-    assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == "ViTImageProcessor"
+    processor_config = json.loads((folder / "preprocessor_config.json").read_text())
+    assert processor_config["image_processor_type"] == "ViTImageProcessor"
+    assert processor_config["size"] == {"height": 32, "width": 32}
+    assert processor_config["image_mean"] == processor_config["image_std"] == [0.5, 0.5, 0.5]
 
     reloaded = AutoModelForImageClassification.from_pretrained(folder).eval()
     assert isinstance(reloaded, MUDDViTForImageClassification)
@@ -312,6 +314,15 @@ def test_save_load_remote_code_and_pipeline(tmp_path):
     assert {p["label"]: p["score"] for p in report["pipeline"]} == pytest.approx(
         {LABELS[i]: scores[i].item() for i in range(3)}, abs=1e-5
     )
+
+
+def test_save_keeps_an_existing_image_processor(tmp_path):
+    from transformers import ViTImageProcessorPil
+
+    ViTImageProcessorPil(size={"height": 40, "width": 40}, image_mean=[0.1, 0.2, 0.3]).save_pretrained(tmp_path)
+    MUDDViTForImageClassification(tiny_config()).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"height": 40, "width": 40} and saved["image_mean"] == [0.1, 0.2, 0.3]
 
 
 # ---------------------------------------------------------------------------------------------------- vit-npz
