@@ -132,7 +132,7 @@ def attend_and_project(
     attn_implementation: str,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of `[batch, heads, seq, head_dim]` query/key/value with the chosen implementation, then `module.o_proj`.
+    """Attention of `[batch, heads, seq, head_dim]` query/key/value with `attn_implementation`, then `module.o_proj`.
 
     `module` gives `scaling`, `attention_dropout`, `num_key_value_groups`, `is_causal` and `o_proj`. Returns
     (`[batch, seq, hidden]`, probabilities `[batch, heads, seq, kv_seq]` or None).

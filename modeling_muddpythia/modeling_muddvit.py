@@ -26,6 +26,7 @@ from .mudd import MUDDDenseConnections, init_dense_connection_
 
 logger = logging.get_logger(__name__)
 
+
 @dataclass
 class MUDDViTModelOutput(BaseModelOutputWithPooling):
     """`BaseModelOutputWithPooling` (`pooler_output` = the final-normed class token `[batch, hidden]`) plus
@@ -87,7 +88,9 @@ class MUDDViTEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """`[batch, channels, height, width]` -> `X_0` `[batch, 1 + patches, hidden]`."""
         if pixel_values.dim() != 4:
-            raise ValueError(f"`pixel_values` must be [batch, channels, height, width], got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"`pixel_values` must be [batch, channels, height, width], got {tuple(pixel_values.shape)}"
+            )
         batch_size, num_channels, height, width = pixel_values.shape
         if num_channels != self.patch_embeddings.num_channels:
             raise ValueError(
@@ -135,8 +138,8 @@ class MUDDViTAttention(nn.Module):
         key_input: torch.Tensor,
         value_input: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        position_embeddings: None = None,
-        past_key_values: None = None,
+        position_embeddings=None,
+        past_key_values=None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -142,7 +142,9 @@ def _muddify_vit(model: nn.Module) -> MUDDViTForImageClassification:
     )
     config._attn_implementation = source_config._attn_implementation
     source = model.state_dict()
-    embeddings = ("cls_token", "position_embeddings", "patch_embeddings.projection.weight", "patch_embeddings.projection.bias")
+    embeddings = (
+        "cls_token", "position_embeddings", "patch_embeddings.projection.weight", "patch_embeddings.projection.bias"
+    )
     state = {f"vit.embeddings.{name}": source[f"vit.embeddings.{name}"] for name in embeddings}
     for kind in ("weight", "bias"):
         state[f"vit.layernorm.{kind}"] = source[f"vit.layernorm.{kind}"]
