@@ -83,28 +83,30 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _shape(arrays: dict[str, np.ndarray], name: str, ndim: int) -> tuple[int, ...]:
-    """Shape of an array needed to infer the architecture, with a clear error when it is absent or malformed."""
+def _shape(arrays: dict[str, np.ndarray], name: str, layout: list) -> tuple[int, ...]:
+    """Shape of an array the architecture is read from; `layout` (numbers where known, else names) is what a
+    missing or malformed array is reported against."""
+    expected = "[" + ", ".join(str(item) for item in layout) + "]"
     if name not in arrays:
-        raise CheckpointError(f"missing array {name!r}, needed to infer the architecture ({ndim}-D)")
+        raise CheckpointError(f"missing array {name!r} of shape {expected}, needed to infer the architecture")
     shape = arrays[name].shape
-    if len(shape) != ndim:
-        raise CheckpointError(f"array {name!r} has shape {shape}, expected {ndim} dimensions")
+    if len(shape) != len(layout):
+        raise CheckpointError(f"array {name!r} has shape {shape}, expected {expected}")
     return shape
 
 
 def infer_config(arrays: dict[str, np.ndarray], config_overrides: dict | None = None) -> MUDDViTConfig:
     """The MUDDViT config of a vit_jax checkpoint, from its array shapes, with `config_overrides` applied."""
-    patch_height, patch_width, num_channels, hidden_size = _shape(arrays, "embedding/kernel", 4)
+    patch_height, patch_width, num_channels, hidden = _shape(arrays, "embedding/kernel", ["ph", "pw", "C", "D"])
     block_ids = {int(m.group(1)) for name in arrays if (m := re.match(r"Transformer/encoderblock_(\d+)/", name))}
     if not block_ids:
         raise CheckpointError("no 'Transformer/encoderblock_{i}/...' arrays: this is not a ViT checkpoint")
-    _, num_heads, _ = _shape(arrays, BLOCK.format(0) + ATTENTION + "query/kernel", 3)
-    _, intermediate_size = _shape(arrays, BLOCK.format(0) + "MlpBlock_3/Dense_0/kernel", 2)
-    _, num_positions, _ = _shape(arrays, "Transformer/posembed_input/pos_embedding", 3)
-    _, num_labels = _shape(arrays, "head/kernel", 2)
+    _, num_heads, _ = _shape(arrays, BLOCK.format(0) + ATTENTION + "query/kernel", [hidden, "heads", "head_dim"])
+    _, intermediate_size = _shape(arrays, BLOCK.format(0) + "MlpBlock_3/Dense_0/kernel", [hidden, "mlp"])
+    _, num_positions, _ = _shape(arrays, "Transformer/posembed_input/pos_embedding", [1, "1 + patches", hidden])
+    _, num_labels = _shape(arrays, "head/kernel", [hidden, "classes"])
     kwargs = {
-        "hidden_size": hidden_size,
+        "hidden_size": hidden,
         "num_hidden_layers": max(block_ids) + 1,
         "num_attention_heads": num_heads,
         "intermediate_size": intermediate_size,
@@ -316,10 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--strict", action="store_true", help="fail on non-finite weights instead of warning")
     args = parser.parse_args(argv)
-    output = convert_vit_npz(
-        args.input_path, args.output_dir, config_overrides=args.config_overrides, dtype=args.dtype, force=args.force,
-        strict=args.strict,
-    )
+    try:
+        output = convert_vit_npz(
+            args.input_path, args.output_dir, config_overrides=args.config_overrides, dtype=args.dtype,
+            force=args.force, strict=args.strict,
+        )
+    except (ValueError, FileExistsError, FileNotFoundError) as error:  # bad input: a message, not a traceback
+        parser.exit(1, f"error: {error}\n")
     print(f"wrote {output}")
 
 

@@ -270,7 +270,6 @@ class MUDDViTModel(MUDDViTPreTrainedModel):
         self.embeddings = MUDDViTEmbeddings(config)
         self.encoder = MUDDViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> MUDDViTPatchEmbeddings:

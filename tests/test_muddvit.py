@@ -395,7 +395,7 @@ def test_vit_npz_conversion_matches_reference(tmp_path):
     assert (got32.double() - expected).abs().max() < 1e-4
 
 
-def test_vit_npz_cli_overrides_and_dtype(tmp_path):
+def test_vit_npz_cli_overrides_and_dtype(tmp_path, capsys):
     npz = write_npz(tmp_path / "vit.npz", synthetic_npz_arrays())
     labels = {str(i): name for i, name in enumerate("abcde")}
     overrides = json.dumps({"id2label": labels, "hidden_act": "gelu", "dense_round64": True})
@@ -403,6 +403,9 @@ def test_vit_npz_cli_overrides_and_dtype(tmp_path):
     model = MUDDViTForImageClassification.from_pretrained(tmp_path / "out")
     assert model.dtype == torch.bfloat16
     assert (model.config.hidden_act, model.config.dense_round64, model.config.id2label[4]) == ("gelu", True, "e")
+    with pytest.raises(SystemExit) as exit_info:  # the CLI reports bad input as a message and exit status 1
+        convert_main([str(npz), str(tmp_path / "out")])
+    assert exit_info.value.code == 1 and "already exists" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown config override"):
         convert_vit_npz(npz, tmp_path / "other", config_overrides={"hiden_size": 3})
     with pytest.raises(ValueError, match="dtype"):
@@ -420,7 +423,10 @@ def _leftovers(folder: Path) -> list[str]:
         (lambda a: a.pop("Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"),
          r"missing array\(s\) 'Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias' \(32,\)"),
         (lambda a: a.pop("cls"), r"'cls' \(1, 1, 32\)"),
-        (lambda a: a.pop("head/kernel"), "missing array 'head/kernel'"),
+        (lambda a: a.pop("head/kernel"), r"missing array 'head/kernel' of shape \[32, classes\]"),
+        (lambda a: a.pop("embedding/kernel"), r"'embedding/kernel' of shape \[ph, pw, C, D\]"),
+        (lambda a: a.__setitem__("Transformer/posembed_input/pos_embedding", np.zeros((17, 32), np.float32)),
+         r"pos_embedding' has shape \(17, 32\), expected \[1, 1 \+ patches, 32\]"),
         (lambda a: a.__setitem__("head/bias", np.zeros(6, np.float32)),
          r"'head/bias' has shape \(6,\), expected \(5,\)"),
         (lambda a: a.__setitem__("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/out/kernel",
