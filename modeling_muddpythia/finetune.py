@@ -9,8 +9,9 @@ batch; padded positions are left out of the loss.
 `--lora` trains LoRA adapters (peft) on the attention and FFN projections; the dense connections, 0.2% of the
 parameters and the part a muddified model has to learn from scratch, stay fully trainable (`--lora-freeze-dense`
 freezes them). Multi-process data parallel: start the same command with `torchrun --nproc_per_node N -m
-modeling_muddpythia.finetune ...` or `accelerate launch --num_processes N -m modeling_muddpythia.finetune ...`;
-`--fsdp` shards the model (FSDP2), one unit per `_no_split_modules` class.
+modeling_muddpythia.finetune ...` or `accelerate launch --multi_gpu --num_processes N -m
+modeling_muddpythia.finetune ...`; on GPUs `--fsdp` shards the model (FSDP2), one unit per `_no_split_modules`
+class.
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default: 500)")
     train.add_argument("--save-total-limit", type=int, help="keep at most this many checkpoints")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--cpu", action="store_true", help="train on the CPU even where an accelerator is present")
     train.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision where the device supports it "
                        "(otherwise float32, with a message)")
     train.add_argument("--resume-from-checkpoint", nargs="?", const=True, default=None, metavar="CHECKPOINT",
@@ -240,15 +242,15 @@ def _check_args(args: argparse.Namespace) -> None:
     if (args.merge_lora or args.lora_freeze_dense) and not args.lora:
         raise ValueError("--merge-lora and --lora-freeze-dense need --lora")
     if args.fsdp and args.lora:
-        raise ValueError("--fsdp with --lora is not supported: LoRA's frozen base weights make FSDP sharding "
-                         "pointless at the sizes we ship; use plain data parallel")
+        # untested: peft keeps two copies of the dense connections (`modules_to_save`), which FSDP would shard
+        raise ValueError("--fsdp with --lora is not supported; train LoRA data parallel (without --fsdp)")
     if args.max_length is not None and args.max_length < 2:
         raise ValueError(f"--max-length must be at least 2, got {args.max_length}")
 
 
 def training_arguments(args: argparse.Namespace) -> TrainingArguments:
     """`TrainingArguments` from the command line; bf16 only where supported."""
-    use_cpu = not _has_accelerator()
+    use_cpu = args.cpu or not _has_accelerator()
     use_bf16 = args.bf16 and bf16_supported(use_cpu)
     if args.bf16 and not use_bf16:
         print(f"--bf16: this {'CPU' if use_cpu else 'device'} has no native bfloat16 support; training in float32.",
@@ -295,13 +297,12 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     if max_length > model.config.max_position_embeddings:
         raise ValueError(f"--max-length {max_length} exceeds the model's max_position_embeddings "
                          f"({model.config.max_position_embeddings})")
-    with training_args.main_process_first(desc="tokenizing"):
-        dataset = tokenize_texts(read_texts(args.data, args.text_field), tokenizer, max_length)
+    dataset = tokenize_texts(read_texts(args.data, args.text_field), tokenizer, max_length)
     if args.lora:
         from peft import get_peft_model
 
         base_dir = Path(args.model)
-        if args.muddify and not args.merge_lora:
+        if args.muddify:
             # The adapter's base, the muddified model, exists nowhere else on disk.
             base_dir = Path(args.output) / "base"
             if training_args.process_index == 0:
@@ -325,8 +326,8 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
 def save_result(trainer: Trainer, args: argparse.Namespace) -> None:
     """Save the trained model (or LoRA adapter) and tokenizer to `args.output`, loadable with `from_pretrained`.
 
-    A LoRA adapter records its base folder as an absolute path (for a muddified model: `output/base`, written
-    before training). With `--merge-lora` the merged model goes to `output` and the adapter to `output/adapter`.
+    A LoRA adapter records its base folder as an absolute path (with `--muddify`: `output/base`, written before
+    training). With `--merge-lora` the merged model goes to `output` and the adapter to `output/adapter`.
     """
     output = Path(args.output)
     trainer.save_state()

@@ -107,7 +107,7 @@ def workspace(tmp_path_factory, one_thread) -> dict[str, Path]:
 
 
 def cli_args(model_dir: Path, data: Path, output: Path, *extra) -> list[str]:
-    return [str(model_dir), "--data", str(data), "--output", str(output), "--batch-size", "8",
+    return [str(model_dir), "--data", str(data), "--output", str(output), "--cpu", "--batch-size", "8",
             "--learning-rate", "1e-2", "--logging-steps", "1", "--save-steps", "1000", *map(str, extra)]
 
 
@@ -138,7 +138,8 @@ def assert_states_close(expected: dict, actual: dict, atol: float) -> None:
 
 def run_torchrun(*worker_args, timeout: float = 240) -> str:
     """Run `finetune_worker.py` on 2 CPU processes (gloo over loopback); `--standalone` picks a free port."""
-    env = dict(os.environ, **OFFLINE_ENV, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **OFFLINE_ENV, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(WORKER), *map(str, worker_args)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
