@@ -1,10 +1,10 @@
 """Fine-tune a MUDD causal LM with transformers' `Trainer`: `mudd-finetune` (or `python -m modeling_muddpythia.finetune`).
 
-The model folder holds one of our models (saved with `save_pretrained`) or, with `--muddify`, a plain GPT-NeoX /
-Pythia model that is turned into the equivalent MUDD model (identity dense connections) before training. The data
-are local files: `.txt` (one example per non-empty line) or `.jsonl` / `.json` (JSON lines; the text is in
-`--text-field`). Each example is tokenized, closed with the EOS token, truncated to `--max-length` and padded per
-batch; padded positions are left out of the loss.
+The model folder holds one of our models (saved with `save_pretrained`) or, with `--muddify`, a plain model
+(GPT-NeoX/Pythia or Llama) that is turned into the equivalent MUDD model (identity dense connections) before
+training. The data are local files: `.txt` (one example per non-empty line) or `.jsonl` / `.json` (JSON lines;
+the text is in `--text-field`). Each example is tokenized, closed with the EOS token, truncated to `--max-length`
+and padded per batch; padded positions are left out of the loss.
 
 `--lora` trains LoRA adapters (peft) on the attention and FFN projections; the dense connections, 0.2% of the
 parameters and the part a muddified model has to learn from scratch, stay fully trainable (`--lora-freeze-dense`
@@ -32,8 +32,9 @@ from .mudd import MUDDDenseConnections
 from .muddify import MUDDIFIERS, muddify
 
 
-# The linear layers of every MUDD decoder block (attention and FFN); LoRA's default targets.
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+# The linear layers of the MUDD decoder blocks (attention; FFN: MUDDFormer has `gate_proj`, MUDDPythia not);
+# LoRA's default targets.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json")
 TRAIN_EXTRA_HINT = "mudd-finetune needs the `train` extra: pip install 'modeling-muddpythia[train]'"
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mudd-finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", help="model folder: a MUDD model, or a plain GPT-NeoX/Pythia one with --muddify")
+    parser.add_argument("model", help="model folder: a MUDD model, or a plain GPT-NeoX/Pythia or Llama one with --muddify")
     parser.add_argument("--data", nargs="+", required=True, help="training files: .txt, .jsonl or .json")
     parser.add_argument("--output", required=True, help="output folder (checkpoints and the final model)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")

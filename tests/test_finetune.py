@@ -27,7 +27,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from modeling_muddpythia import MUDDPythiaConfig, MUDDPythiaForCausalLM
+from modeling_muddpythia import MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM
 from modeling_muddpythia import finetune
 from modeling_muddpythia.finetune import (
     LORA_TARGET_MODULES,
@@ -318,8 +318,8 @@ def test_lora_trains_adapters_and_dense_connections_only(workspace, tmp_path):
     adapted = trainer.model
     trainable = {name for name, param in adapted.named_parameters() if param.requires_grad}
     assert all(".lora_A." in n or ".lora_B." in n or ".dense.modules_to_save." in n for n in trainable), trainable
-    for target in LORA_TARGET_MODULES:
-        assert any(f".{target}.lora_B." in n for n in trainable), target
+    adapted_layers = {n.split(".lora_B.")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_B." in n}
+    assert adapted_layers == set(LORA_TARGET_MODULES) - {"gate_proj"}  # MUDDPythia's FFN has no gate
     for dense_part in ("static_weights", "proj_in.weight", "proj_out.weight"):
         assert any(n.endswith(dense_part) for n in trainable), dense_part
     before = {name: param.detach().clone() for name, param in adapted.named_parameters()}
@@ -379,6 +379,22 @@ def test_muddify_plain_pythia_then_lora_adapter_reloads(workspace, tmp_path):
     with pytest.raises(ValueError, match="already holds a MUDD model"):
         build_trainer(build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path / "x",
                                                          "--muddify")))
+
+
+def test_muddformer_fine_tunes_and_lora_covers_its_swiglu(workspace, tmp_path):
+    torch.manual_seed(0)
+    config = MUDDFormerConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64)
+    model_dir = save_folder(tmp_path / "muddformer", MUDDFormerForCausalLM(config), char_tokenizer())
+    trainer = train(cli_args(model_dir, workspace["data"], tmp_path / "full", "--max-steps", 12))
+    losses = logged_losses(trainer)
+    assert isinstance(trainer.model, MUDDFormerForCausalLM) and losses[-1] < 0.75 * losses[0], losses
+
+    lora = build_trainer(build_parser().parse_args(cli_args(model_dir, workspace["data"], tmp_path / "lora", "--lora")))
+    trainable = [n for n, p in lora.model.named_parameters() if p.requires_grad]
+    adapted_layers = {n.split(".lora_B.")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_B." in n}
+    assert adapted_layers == set(LORA_TARGET_MODULES)
+    assert any(".dense.modules_to_save." in n for n in trainable)
 
 
 def test_rejected_option_combinations(workspace, tmp_path):
