@@ -180,9 +180,13 @@ def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> tuple[tor
         raise ValueError(f"dense weights cover {weights.shape[-1]} states but {num_states} were produced")
     weights = weights.to(stack.buffer.dtype).contiguous()
     states = [s.to(stack.buffer.device) for s in stack.states]
-    if torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in states)):
-        return _DepthAggregate.apply(weights, stack.storage, *states).unbind(0)
-    return _aggregate_forward(weights, stack.buffer, num_states).unbind(0)
+    # Under autocast the states are mixed in their own dtype, like a residual add (float32 under bf16 autocast):
+    # autocast would also give `_DepthAggregate` a low-precision output whose gradient no longer matches the
+    # float32 states in its backward.
+    with torch.autocast(stack.buffer.device.type, enabled=False):
+        if torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in states)):
+            return _DepthAggregate.apply(weights, stack.storage, *states).unbind(0)
+        return _aggregate_forward(weights, stack.buffer, num_states).unbind(0)
 
 
 class DepthAggregator(nn.Module):
