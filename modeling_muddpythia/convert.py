@@ -31,7 +31,8 @@ from .convert_io import (
     ConversionError, RenamedSource, ShardedSafetensorsWriter, TensorSource, open_flat_or_directory, open_weights, parse_size,
 )
 from .convert_plans import (
-    FAMILIES, Family, KeyPlan, authors_config, authors_plan, format_shape, gpt_neox_config, gpt_neox_plan, llama_config,
+    FAMILIES, Family, KeyPlan, authors_config, authors_plan, format_shape, gpt_neox_canonical_name, gpt_neox_config,
+    gpt_neox_plan, llama_config,
     llama_plan, maxtext_canonical_name, maxtext_config, maxtext_plan, pax_canonical_name, pax_config, pax_family,
     pax_plan, shape_matches,
 )
@@ -143,7 +144,7 @@ def _prepare_jax(options: Options, warnings: list[str]) -> Prepared:
         source = RenamedSource(open_flat_or_directory(options.input), maxtext_canonical_name)
     try:
         if source.foreign:
-            warnings.append(f"skipped {len(source.foreign)} arrays that are not model weights (e.g. {source.foreign[0]!r})")
+            _log(f"skipping {len(source.foreign)} arrays that are not model weights (e.g. {source.foreign[0]!r})")
         if options.format == "pax":
             family = pax_family(source, options.model_type)
             config = pax_config(source, family, options.config)
@@ -175,6 +176,8 @@ def _prepare_plain(options: Options, warnings: list[str]) -> Prepared:
     config = gpt_neox_config(source_config) if expected == "gpt_neox" else llama_config(source_config, family)
     plan = gpt_neox_plan(config, family) if expected == "gpt_neox" else llama_plan(config, family)
     source = open_weights(folder, options.allow_pickle)
+    if expected == "gpt_neox":
+        source = RenamedSource(source, gpt_neox_canonical_name)
     prepared = Prepared(source, family, config, plan, folder, warnings=warnings)
     prepared.load_source_model = lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     return prepared

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .configuration_muddpythia import MUDDPythiaConfig
 from .convert_io import ConversionError, TensorSource
 from .mudd import STREAM_NAMES, dense_hidden_width, reallocated_ffn_width
 
@@ -613,10 +614,8 @@ def maxtext_plan(config, family: Family) -> KeyPlan:
 
 
 # ---------------------------------------------------------------------------------------------------- D: plain models
-def gpt_neox_config(source_config):
+def gpt_neox_config(source_config) -> MUDDPythiaConfig:
     """The MUDDPythia config computing the same function as a `GPTNeoXConfig` (qk-norm and re-allocation off)."""
-    from .configuration_muddpythia import MUDDPythiaConfig
-
     return MUDDPythiaConfig(
         vocab_size=source_config.vocab_size,
         hidden_size=source_config.hidden_size,
@@ -640,6 +639,11 @@ def gpt_neox_config(source_config):
         eos_token_id=source_config.eos_token_id,
         pad_token_id=source_config.pad_token_id,
     )
+
+
+def gpt_neox_canonical_name(name: str) -> str:
+    """transformers 5 calls GPT-NeoX's head `lm_head` in memory but saves it as `embed_out` (CHECKPOINT_FORMATS D)."""
+    return "embed_out.weight" if name == "lm_head.weight" else name
 
 
 def gpt_neox_plan(config, family: Family = FAMILIES["muddpythia"]) -> KeyPlan:

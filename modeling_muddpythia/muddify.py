@@ -7,12 +7,12 @@ newest state); its logits then equal the source model's up to float32 rounding, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .configuration_muddpythia import MUDDPythiaConfig
+from .convert_plans import apply_plan, gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan
 from .mudd import MUDDDenseConnections
 from .modeling_muddpythia import MUDDPythiaForCausalLM
 
@@ -35,7 +35,8 @@ def _build_like(model_class: type[nn.Module], config, source: nn.Module, state: 
     for name, tensor in state.items():
         if own[name].shape != tensor.shape:
             raise ValueError(f"muddify: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
-    missing = sorted(k for k in set(own) - set(state) if ".dense." not in f".{k}")
+    tied = set(model._tied_weights_keys or {}) if config.tie_word_embeddings else set()  # filled by tie_weights()
+    missing = sorted(k for k in set(own) - set(state) - tied if ".dense." not in f".{k}")
     if missing:
         raise KeyError(f"muddify left MUDD parameters unfilled: {missing[:5]}")
     model.load_state_dict(state, strict=False)
@@ -51,61 +52,11 @@ def _build_like(model_class: type[nn.Module], config, source: nn.Module, state: 
     return model
 
 
-def _split_fused_qkv(weight: torch.Tensor, num_heads: int) -> Iterator[torch.Tensor]:
-    """GPT-NeoX's fused `query_key_value` is laid out per head as `[q_h, k_h, v_h]` on the output dim."""
-    per_head = weight.reshape(num_heads, 3, -1, *weight.shape[1:])
-    for index in range(3):
-        yield per_head[:, index].reshape(-1, *weight.shape[1:]).clone()
-
-
 def _muddify_gpt_neox(model: nn.Module) -> MUDDPythiaForCausalLM:
-    source_config = model.config
-    rope = dict(source_config.rope_parameters)
-    config = MUDDPythiaConfig(
-        vocab_size=source_config.vocab_size,
-        hidden_size=source_config.hidden_size,
-        num_hidden_layers=source_config.num_hidden_layers,
-        num_attention_heads=source_config.num_attention_heads,
-        intermediate_size=source_config.intermediate_size,
-        hidden_act=source_config.hidden_act,
-        max_position_embeddings=source_config.max_position_embeddings,
-        initializer_range=source_config.initializer_range,
-        layer_norm_eps=source_config.layer_norm_eps,
-        tie_word_embeddings=source_config.tie_word_embeddings,
-        use_parallel_residual=source_config.use_parallel_residual,
-        attention_bias=source_config.attention_bias,
-        mlp_bias=True,
-        attention_dropout=source_config.attention_dropout,
-        hidden_dropout=source_config.hidden_dropout,
-        rope_parameters=rope,
-        use_qk_norm=False,
-        ffn_width_reallocation=False,
-        bos_token_id=source_config.bos_token_id,
-        eos_token_id=source_config.eos_token_id,
-        pad_token_id=source_config.pad_token_id,
-    )
-    config._attn_implementation = source_config._attn_implementation
-    source = model.state_dict()
-    state = {
-        "model.embed_tokens.weight": source["gpt_neox.embed_in.weight"],
-        "model.norm.weight": source["gpt_neox.final_layer_norm.weight"],
-        "model.norm.bias": source["gpt_neox.final_layer_norm.bias"],
-        "lm_head.weight": model.get_output_embeddings().weight,
-    }
-    for i in range(config.num_hidden_layers):
-        src, dst = f"gpt_neox.layers.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            for norm_idx in range(3 if config.uses_separate_stream_norms(i) else 1):
-                state[f"{dst}attention_norms.{norm_idx}.{kind}"] = source[f"{src}input_layernorm.{kind}"]
-            state[f"{dst}mlp_norm.{kind}"] = source[f"{src}post_attention_layernorm.{kind}"]
-            state[f"{dst}mlp.up_proj.{kind}"] = source[f"{src}mlp.dense_h_to_4h.{kind}"]
-            state[f"{dst}mlp.down_proj.{kind}"] = source[f"{src}mlp.dense_4h_to_h.{kind}"]
-            if kind == "bias" and not config.attention_bias:
-                continue
-            fused = source[f"{src}attention.query_key_value.{kind}"]
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), _split_fused_qkv(fused, config.num_attention_heads)):
-                state[f"{dst}self_attn.{name}.{kind}"] = part
-            state[f"{dst}self_attn.o_proj.{kind}"] = source[f"{src}attention.dense.{kind}"]
+    # The same key plan as the checkpoint converter (`mudd-convert --format gpt-neox`), applied in memory.
+    config = gpt_neox_config(model.config)
+    config._attn_implementation = model.config._attn_implementation
+    state = apply_plan(gpt_neox_plan(config), {gpt_neox_canonical_name(k): v for k, v in model.state_dict().items()})
     return _build_like(MUDDPythiaForCausalLM, config, model, state)
 
 
