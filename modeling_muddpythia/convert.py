@@ -31,10 +31,9 @@ from .convert_io import (
     ConversionError, RenamedSource, ShardedSafetensorsWriter, TensorSource, open_flat_or_directory, open_weights, parse_size,
 )
 from .convert_plans import (
-    FAMILIES, Family, KeyPlan, authors_config, authors_plan, format_shape, gpt_neox_canonical_name, gpt_neox_config,
-    gpt_neox_plan, llama_config,
-    llama_plan, maxtext_canonical_name, maxtext_config, maxtext_plan, pax_canonical_name, pax_config, pax_family,
-    pax_plan, shape_matches,
+    FAMILIES, MAXTEXT_SHAPES, PAX_SHAPES, Family, KeyPlan, authors_config, authors_plan, config_from_shapes, format_shape,
+    gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan, llama_config, llama_plan, maxtext_canonical_name,
+    maxtext_plan, pax_canonical_name, pax_family, pax_plan, shape_matches,
 )
 
 
@@ -147,11 +146,11 @@ def _prepare_jax(options: Options, warnings: list[str]) -> Prepared:
             _log(f"skipping {len(source.foreign)} arrays that are not model weights (e.g. {source.foreign[0]!r})")
         if options.format == "pax":
             family = pax_family(source, options.model_type)
-            config = pax_config(source, family, options.config)
+            config = config_from_shapes(source, family, options.config, PAX_SHAPES)
             plan = pax_plan(config, family)
         else:
             family = FAMILIES["muddformer"]
-            config = maxtext_config(source, family, options.config)
+            config = config_from_shapes(source, family, options.config, MAXTEXT_SHAPES)
             plan = maxtext_plan(config, family)
     except BaseException:
         source.close()

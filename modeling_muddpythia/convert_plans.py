@@ -422,6 +422,57 @@ def _streams_from_static(shape: tuple[int, ...], name: str) -> str:
     return by_count[shape[0]]
 
 
+@dataclass(frozen=True)
+class ShapeLayout:
+    """Where a JAX layout keeps the arrays whose shapes or presence tell the config (names relative to
+    `layer(i)` unless they take the layer index)."""
+
+    embedding: str  # [V', D]
+    layer: Callable[[int], str]
+    query: str  # [D, N, H]
+    key: str  # [D, N_kv, H]
+    ffn_input: str  # [D, F_i]
+    static: Callable[[int], str]  # b_i, [C_i, i + 2]
+    dense_input: Callable[[int], str]  # W1_i, [D, h_i]
+    q_norm: str
+    stream_norm: str  # present in blocks with separate q/k/v norms
+    attention_bias: str | None = None
+    mlp_bias: str | None = None
+    prenorm: str | None = None
+    postnorm: str | None = None
+
+
+def config_from_shapes(source: TensorSource, family: Family, overrides: Mapping, layout: ShapeLayout):
+    """The config of a checkpoint without a config file: sizes from shapes, options from which arrays exist, the
+    rest (norm eps, rotary, positions, special tokens) from the family defaults or `overrides`."""
+    names = set(source.names())
+    vocab, hidden = _need(source, layout.embedding, "the vocabulary and hidden sizes").shape
+    layers = _count_layers(names, layout.layer)
+    first = layout.layer(0)
+    _, heads, head_dim = _need(source, first + layout.query, "the head count and width").shape
+    kv_heads = _need(source, first + layout.key, "the key/value head count").shape[1]
+    ffn = [_need(source, layout.layer(i) + layout.ffn_input, "the FFN widths").shape[1] for i in range(layers)]
+    streams = _streams_from_static(_need(source, layout.static(0), "the number of dense streams").shape, layout.static(0))
+    derived = {
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": None if heads * head_dim == hidden else head_dim,
+        "use_qk_norm": first + layout.q_norm in names,
+        "attention_bias": layout.attention_bias is not None and first + layout.attention_bias in names,
+        "mlp_bias": layout.mlp_bias is not None and first + layout.mlp_bias in names,
+        "dense_streams": streams,
+        "dynamic_dense": first + layout.dense_input(0) in names,
+        "separate_stream_norms_first_layer": first + layout.stream_norm in names,
+        "separate_stream_norms": layout.layer(min(1, layers - 1)) + layout.stream_norm in names,
+        "dense_prenorm": layout.prenorm is not None and layout.prenorm in names,
+        "dense_postnorm": layout.postnorm is not None and layout.postnorm in names,
+    }
+    derived.update(_infer_ffn(ffn, overrides.get("intermediate_size")))
+    if derived["dynamic_dense"]:
+        widths = [_need(source, layout.layer(i) + layout.dense_input(i), "the dense widths").shape[1] for i in range(layers)]
+        derived.update(_infer_dense_widths(widths, len(STREAM_NAMES[streams])))
+    return build_config(family, derived, overrides)
+
+
 # ---------------------------------------------------------------------------------------------------- B: Pax
 PAX = "state.mdl_vars.params.lm"
 
@@ -439,6 +490,15 @@ def pax_canonical_name(raw: str) -> str | None:
     return None
 
 
+PAX_SHAPES = ShapeLayout(
+    embedding=f"{PAX}.embedding_lookup.emb_var", layer=_pax_layer, query="self_attention.query.w",
+    key="self_attention.key.w", ffn_input="ff_layer.ffn_layer1.linear.w",
+    static=lambda i: f"{PAX}.transformer.dense_conn_{i}", dense_input=lambda i: f"dynamic_dense_conn1_{i}",
+    q_norm="self_attention.q_norm.scale", stream_norm="layer_norms_0.scale",
+    attention_bias="self_attention.query.b", mlp_bias="ff_layer.ffn_layer1.bias.b",
+)
+
+
 def pax_family(source: TensorSource, model_type: str | None) -> Family:
     gated = any(".ff_layer.ffn_layer1_gate." in name for name in source.names())
     found = "muddformer" if gated else "muddpythia"
@@ -448,34 +508,6 @@ def pax_family(source: TensorSource, model_type: str | None) -> Family:
             f"gate (ffn_layer1_gate), i.e. {found}"
         )
     return FAMILIES[found]
-
-
-def pax_config(source: TensorSource, family: Family, overrides: Mapping):
-    names = set(source.names())
-    vocab, hidden = _need(source, f"{PAX}.embedding_lookup.emb_var", "the vocabulary and hidden sizes").shape
-    layers = _count_layers(names, _pax_layer)
-    first = _pax_layer(0)
-    _, heads, head_dim = _need(source, f"{first}self_attention.query.w", "the head count and width").shape
-    kv_heads = _need(source, f"{first}self_attention.key.w", "the key/value head count").shape[1]
-    ffn = [_need(source, f"{_pax_layer(i)}ff_layer.ffn_layer1.linear.w", "the FFN widths").shape[1] for i in range(layers)]
-    static = f"{PAX}.transformer.dense_conn_0"
-    streams = _streams_from_static(_need(source, static, "the number of dense streams").shape, static)
-    derived = {
-        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": None if heads * head_dim == hidden else head_dim,
-        "use_qk_norm": f"{first}self_attention.q_norm.scale" in names,
-        "attention_bias": f"{first}self_attention.query.b" in names,
-        "mlp_bias": f"{first}ff_layer.ffn_layer1.bias.b" in names,
-        "dense_streams": streams,
-        "dynamic_dense": f"{first}dynamic_dense_conn1_0" in names,
-        "separate_stream_norms_first_layer": f"{first}layer_norms_0.scale" in names,
-        "separate_stream_norms": f"{_pax_layer(min(1, layers - 1))}layer_norms_0.scale" in names,
-    }
-    derived.update(_infer_ffn(ffn, overrides.get("intermediate_size")))
-    if derived["dynamic_dense"]:
-        widths = [_need(source, f"{_pax_layer(i)}dynamic_dense_conn1_{i}", "the dense widths").shape[1] for i in range(layers)]
-        derived.update(_infer_dense_widths(widths, len(STREAM_NAMES[streams])))
-    return build_config(family, derived, overrides)
 
 
 def pax_plan(config, family: Family) -> KeyPlan:
@@ -546,33 +578,13 @@ def maxtext_canonical_name(raw: str) -> str | None:
     return MAXTEXT + ".".join(parts)
 
 
-def maxtext_config(source: TensorSource, family: Family, overrides: Mapping):
-    names = set(source.names())
-    vocab, hidden = _need(source, "params.token_embedder.embedding", "the vocabulary and hidden sizes").shape
-    layers = _count_layers(names, _maxtext_layer)
-    first = _maxtext_layer(0)
-    _, heads, head_dim = _need(source, f"{first}self_attention.query.kernel", "the head count and width").shape
-    kv_heads = _need(source, f"{first}self_attention.key.kernel", "the key/value head count").shape[1]
-    ffn = [_need(source, f"{_maxtext_layer(i)}mlp.wi_0.kernel", "the FFN widths").shape[1] for i in range(layers)]
-    static = f"{first}dense_proj2.bias"
-    streams = _streams_from_static(_need(source, static, "the number of dense streams").shape, static)
-    derived = {
-        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": None if heads * head_dim == hidden else head_dim,
-        "use_qk_norm": f"{first}self_attention.q_norm.scale" in names,
-        "attention_bias": False, "mlp_bias": False,
-        "dense_streams": streams,
-        "dynamic_dense": f"{first}dynamic_dense_conn1.kernel" in names,
-        "separate_stream_norms_first_layer": f"{first}pre_self_attention_layer_norm_q.scale" in names,
-        "separate_stream_norms": f"{_maxtext_layer(min(1, layers - 1))}pre_self_attention_layer_norm_q.scale" in names,
-        "dense_prenorm": "params.decoder.mudd_prenorm.scale" in names,
-        "dense_postnorm": "params.decoder.mudd_postnorm_0.scale" in names,
-    }
-    derived.update(_infer_ffn(ffn, overrides.get("intermediate_size")))
-    if derived["dynamic_dense"]:
-        widths = [_need(source, f"{_maxtext_layer(i)}dynamic_dense_conn1.kernel", "the dense widths").shape[1] for i in range(layers)]
-        derived.update(_infer_dense_widths(widths, len(STREAM_NAMES[streams])))
-    return build_config(family, derived, overrides)
+MAXTEXT_SHAPES = ShapeLayout(
+    embedding="params.token_embedder.embedding", layer=_maxtext_layer, query="self_attention.query.kernel",
+    key="self_attention.key.kernel", ffn_input="mlp.wi_0.kernel",
+    static=lambda i: f"{_maxtext_layer(i)}dense_proj2.bias", dense_input=lambda i: "dynamic_dense_conn1.kernel",
+    q_norm="self_attention.q_norm.scale", stream_norm="pre_self_attention_layer_norm_q.scale",
+    prenorm="params.decoder.mudd_prenorm.scale", postnorm="params.decoder.mudd_postnorm_0.scale",
+)
 
 
 def maxtext_plan(config, family: Family) -> KeyPlan:
@@ -614,30 +626,30 @@ def maxtext_plan(config, family: Family) -> KeyPlan:
 
 
 # ---------------------------------------------------------------------------------------------------- D: plain models
-def gpt_neox_config(source_config) -> MUDDPythiaConfig:
-    """The MUDDPythia config computing the same function as a `GPTNeoXConfig` (qk-norm and re-allocation off)."""
-    return MUDDPythiaConfig(
-        vocab_size=source_config.vocab_size,
-        hidden_size=source_config.hidden_size,
-        num_hidden_layers=source_config.num_hidden_layers,
-        num_attention_heads=source_config.num_attention_heads,
-        intermediate_size=source_config.intermediate_size,
-        hidden_act=source_config.hidden_act,
-        max_position_embeddings=source_config.max_position_embeddings,
-        initializer_range=source_config.initializer_range,
-        layer_norm_eps=source_config.layer_norm_eps,
-        tie_word_embeddings=source_config.tie_word_embeddings,
-        use_parallel_residual=source_config.use_parallel_residual,
-        attention_bias=source_config.attention_bias,
-        mlp_bias=True,
-        attention_dropout=source_config.attention_dropout,
-        hidden_dropout=source_config.hidden_dropout,
+# Fields that plain transformers configs and ours share by name.
+_PLAIN_CONFIG_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "max_position_embeddings", "initializer_range", "tie_word_embeddings", "attention_bias", "attention_dropout",
+    "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+def _muddified_config(config_class, source_config, **family_fields):
+    """Our config computing the same function as the plain `source_config`: qk-norm and FFN re-allocation off."""
+    return config_class(
+        **{name: getattr(source_config, name) for name in _PLAIN_CONFIG_FIELDS},
         rope_parameters=dict(source_config.rope_parameters),
         use_qk_norm=False,
         ffn_width_reallocation=False,
-        bos_token_id=source_config.bos_token_id,
-        eos_token_id=source_config.eos_token_id,
-        pad_token_id=source_config.pad_token_id,
+        **family_fields,
+    )
+
+
+def gpt_neox_config(source_config) -> MUDDPythiaConfig:
+    """The MUDDPythia config computing the same function as a `GPTNeoXConfig`."""
+    return _muddified_config(
+        MUDDPythiaConfig, source_config, layer_norm_eps=source_config.layer_norm_eps, mlp_bias=True,
+        use_parallel_residual=source_config.use_parallel_residual, hidden_dropout=source_config.hidden_dropout,
     )
 
 
@@ -682,30 +694,11 @@ def _add_head(plan: KeyPlan, config, source: str) -> None:
 
 
 def llama_config(source_config, family: Family = FAMILIES["muddformer"]):
-    """The MUDDFormer config computing the same function as a `LlamaConfig` (qk-norm and re-allocation off)."""
-    return family.config_class(
-        vocab_size=source_config.vocab_size,
-        hidden_size=source_config.hidden_size,
-        num_hidden_layers=source_config.num_hidden_layers,
-        num_attention_heads=source_config.num_attention_heads,
-        num_key_value_heads=source_config.num_key_value_heads,
-        head_dim=getattr(source_config, "head_dim", None),
-        intermediate_size=source_config.intermediate_size,
-        hidden_act=source_config.hidden_act,
-        max_position_embeddings=source_config.max_position_embeddings,
-        initializer_range=source_config.initializer_range,
-        rms_norm_eps=source_config.rms_norm_eps,
-        tie_word_embeddings=source_config.tie_word_embeddings,
+    """The MUDDFormer config computing the same function as a `LlamaConfig`."""
+    return _muddified_config(
+        family.config_class, source_config, rms_norm_eps=source_config.rms_norm_eps, mlp_bias=source_config.mlp_bias,
+        num_key_value_heads=source_config.num_key_value_heads, head_dim=getattr(source_config, "head_dim", None),
         use_parallel_residual=False,
-        attention_bias=source_config.attention_bias,
-        mlp_bias=source_config.mlp_bias,
-        attention_dropout=source_config.attention_dropout,
-        rope_parameters=dict(source_config.rope_parameters),
-        use_qk_norm=False,
-        ffn_width_reallocation=False,
-        bos_token_id=source_config.bos_token_id,
-        eos_token_id=source_config.eos_token_id,
-        pad_token_id=source_config.pad_token_id,
     )
 
 

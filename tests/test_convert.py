@@ -479,10 +479,9 @@ def test_bad_config_options_are_explained(authors_folder, tmp_path, capsys):
 
 
 def test_command_line_entry_points(tmp_path):
-    for command in ([sys.executable, str(REPO / "conversion_scripts" / "convert_to_hf.py"), "--help"],
-                    [sys.executable, "-m", "modeling_muddpythia.convert", "--help"]):
-        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
-        assert result.returncode == 0 and "--format {authors-pytorch,pax,maxtext,gpt-neox,llama}" in result.stdout
+    command = [sys.executable, str(REPO / "conversion_scripts" / "convert_to_hf.py"), "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "--format {authors-pytorch,pax,maxtext,gpt-neox,llama}" in result.stdout
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
     assert "mudd-convert = modeling_muddpythia.convert:main" in setup["options.entry_points"]["console_scripts"]
