@@ -103,7 +103,8 @@ def _check_model_type(requested: str | None, found: str, where: str) -> Family:
     return FAMILIES[found]
 
 
-def _prepare_authors(options: Options, warnings: list[str]) -> Prepared:
+def _prepare_authors(options: Options) -> Prepared:
+    warnings: list[str] = []
     folder = options.input if options.input.is_dir() else options.input.parent
     authors = _read_json(folder / "config.json", "the authors' config.json")
     if "model_type" not in authors and options.model_type is None:
@@ -134,7 +135,7 @@ def _prepare_authors(options: Options, warnings: list[str]) -> Prepared:
     return prepared
 
 
-def _prepare_jax(options: Options, warnings: list[str]) -> Prepared:
+def _prepare_jax(options: Options) -> Prepared:
     if options.format == "pax":
         source = RenamedSource(open_flat_or_directory(options.input), pax_canonical_name)
     else:
@@ -155,10 +156,10 @@ def _prepare_jax(options: Options, warnings: list[str]) -> Prepared:
     except BaseException:
         source.close()
         raise
-    return Prepared(source, family, config, plan, None, warnings=warnings)
+    return Prepared(source, family, config, plan, None)
 
 
-def _prepare_plain(options: Options, warnings: list[str]) -> Prepared:
+def _prepare_plain(options: Options) -> Prepared:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = options.input
@@ -170,25 +171,27 @@ def _prepare_plain(options: Options, warnings: list[str]) -> Prepared:
     found = _read_json(folder / "config.json", "config.json").get("model_type")
     if found != expected:
         raise ConversionError(f"--format {options.format} expects model_type {expected!r} in {folder / 'config.json'}, found {found!r}")
-    source_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        source_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{folder / 'config.json'}: transformers cannot read it ({error})") from None
     family = _check_model_type(options.model_type, "muddpythia" if expected == "gpt_neox" else "muddformer", f"--format {options.format}")
     config = gpt_neox_config(source_config) if expected == "gpt_neox" else llama_config(source_config, family)
     plan = gpt_neox_plan(config, family) if expected == "gpt_neox" else llama_plan(config, family)
     source = open_weights(folder, options.allow_pickle)
     if expected == "gpt_neox":
         source = RenamedSource(source, gpt_neox_canonical_name)
-    prepared = Prepared(source, family, config, plan, folder, warnings=warnings)
+    prepared = Prepared(source, family, config, plan, folder)
     prepared.load_source_model = lambda dtype: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     return prepared
 
 
 def prepare(options: Options) -> Prepared:
-    warnings: list[str] = []
     if options.format == "authors-pytorch":
-        return _prepare_authors(options, warnings)
+        return _prepare_authors(options)
     if options.format in ("pax", "maxtext"):
-        return _prepare_jax(options, warnings)
-    return _prepare_plain(options, warnings)
+        return _prepare_jax(options)
+    return _prepare_plain(options)
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -206,21 +209,21 @@ def check_plan(prepared: Prepared, format_name: str, target_shapes: dict[str, tu
     """
     plan, source = prepared.plan, prepared.source
     names = set(source.names())
-    used: dict[str, str] = {}
+    used: set[str] = set()
     missing, wrong = [], []
     for rule in plan.rules:
         for name, shape in zip(rule.sources, rule.source_shapes):
             if name in used:
                 raise RuntimeError(f"plan bug: {name} is used by two rules")
-            used[name] = rule.what
+            used.add(name)
             if name not in names:
                 missing.append(f"{name!r}: expected {rule.what}, shape {format_shape(shape)}")
                 continue
             actual = source.info(name).shape
             if not shape_matches(shape, actual):
                 wrong.append(f"{name!r} has shape {list(actual)}, expected {format_shape(shape)} ({rule.what})")
-    ignored = {name: reason for name in names - set(used) if (reason := plan.ignore_reason(name))}
-    unexpected = sorted(names - set(used) - set(ignored))
+    ignored = {name: reason for name in names - used if (reason := plan.ignore_reason(name))}
+    unexpected = sorted(names - used - set(ignored))
     problems = []
     if missing:
         problems.append(f"missing keys in {source.description}:{_listing(missing)}")

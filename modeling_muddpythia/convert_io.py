@@ -306,6 +306,8 @@ def find_checkpoint_item(path: Path) -> Path:
     """The folder that holds the arrays: `path` itself, or its single item subfolder (`state/`, `items/`, ...)."""
     if not path.is_dir():
         raise ConversionError(f"{path}: expected a TensorStore/Orbax checkpoint directory")
+    if any(".orbax-checkpoint-tmp" in part for part in path.resolve().parts):
+        raise ConversionError(f"{path}: an unfinished Orbax checkpoint (its save did not complete)")
     if _is_checkpoint_item(path):
         return path
     children = [child for child in sorted(path.iterdir()) if child.is_dir()]

@@ -222,33 +222,17 @@ def _split_heads_qkv(num_heads: int):
     return split
 
 
-@dataclass(frozen=True)
-class _Dims:
-    """Shapes of our parameters for one config."""
+def _widths(config) -> tuple[int, int, int]:
+    """(head dim, query width N*H, key/value width N_kv*H) of our attention projections."""
+    head = config.attention_head_dim
+    return head, config.num_attention_heads * head, config.num_key_value_heads * head
 
-    config: object
 
-    def __getattr__(self, name):
-        return getattr(self.config, name)
-
-    @property
-    def head(self) -> int:
-        return self.config.attention_head_dim
-
-    @property
-    def q_width(self) -> int:
-        return self.config.num_attention_heads * self.head
-
-    @property
-    def kv_width(self) -> int:
-        return self.config.num_key_value_heads * self.head
-
-    def streams(self, i: int) -> int:
-        return 1 if i == self.config.num_hidden_layers - 1 else len(STREAM_NAMES[self.config.dense_streams])
-
-    def dense_width(self, i: int) -> int:
-        c = self.config
-        return dense_hidden_width(self.streams(i), i + 2, i == c.num_hidden_layers - 1, c.dense_expand_last, c.dense_round64)
+def _dense_shape(config, i: int) -> tuple[int, int, int]:
+    """(streams C_i, states J = i + 2, weight-generator width h_i) of the dense connection after block `i`."""
+    last = i == config.num_hidden_layers - 1
+    streams = 1 if last else len(STREAM_NAMES[config.dense_streams])
+    return streams, i + 2, dense_hidden_width(streams, i + 2, last, config.dense_expand_last, config.dense_round64)
 
 
 def _layer(i: int) -> str:
@@ -303,8 +287,9 @@ def authors_config(authors: Mapping, source: TensorSource, family: Family, overr
 
 
 def authors_plan(config, family: Family) -> KeyPlan:
-    dims, plan = _Dims(config), KeyPlan()
+    plan = KeyPlan()
     D, V = config.hidden_size, config.vocab_size
+    head, q_width, kv_width = _widths(config)
     # Runtime buffers of the authors' gpt-fast style code, in case a state dict was saved with them.
     plan.ignore(r"(^|\.)(freqs_cis|causal_mask)$|\.kv_cache\.[kv]_cache$", "runtime buffer, not a weight")
     plan.add("model.embed_tokens.weight", "tok_embeddings.weight", (V, D), "the token embedding")
@@ -314,14 +299,14 @@ def authors_plan(config, family: Family) -> KeyPlan:
         for source, target in zip(norms + [f"{src}ffn_norm"], _norm_targets(i, config) + [f"{dst}mlp_norm"]):
             for kind in ("weight", "bias") if family.norm_bias else ("weight",):
                 plan.add(f"{target}.{kind}", f"{source}.{kind}", (D,), f"a pre-attention/FFN norm {kind} of {block}")
-        for short, out_features, in_features in (("q", dims.q_width, D), ("k", dims.kv_width, D), ("v", dims.kv_width, D), ("o", D, dims.q_width)):
+        for short, out_features, in_features in (("q", q_width, D), ("k", kv_width, D), ("v", kv_width, D), ("o", D, q_width)):
             what = f"the {short} projection of {block}"
             plan.add(f"{dst}self_attn.{short}_proj.weight", f"{src}attention.w{short}.weight", (out_features, in_features), what)
             if config.attention_bias:
                 plan.add(f"{dst}self_attn.{short}_proj.bias", f"{src}attention.w{short}.bias", (out_features,), what + " (bias)")
         if config.use_qk_norm:
             for short in "qk":
-                plan.add(f"{dst}self_attn.{short}_norm.weight", f"{src}attention.{short}_norm.weight", (dims.head,), f"the {short}-norm scale of {block}")
+                plan.add(f"{dst}self_attn.{short}_norm.weight", f"{src}attention.{short}_norm.weight", (head,), f"the {short}-norm scale of {block}")
         width = config.ffn_width(i)
         ffn = [("w1", "gate_proj", (width, D)), ("w3", "up_proj", (width, D)), ("w2", "down_proj", (D, width))] if family.gated_ffn else [
             ("w1", "up_proj", (width, D)), ("w2", "down_proj", (D, width))]
@@ -330,27 +315,27 @@ def authors_plan(config, family: Family) -> KeyPlan:
             plan.add(f"{dst}mlp.{target}.weight", f"{src}feed_forward.{source}.weight", shape, what)
             if config.mlp_bias:
                 plan.add(f"{dst}mlp.{target}.bias", f"{src}feed_forward.{source}.bias", shape[:1], what + " (bias)")
-        _add_dense(plan, dims, i, static=f"dense_bs.{i}", proj_in=f"dynamic_dense.{i}.w1.weight", proj_out=f"dynamic_dense.{i}.w2.weight")
+        _add_dense(plan, config, i, static=f"dense_bs.{i}", proj_in=f"dynamic_dense.{i}.w1.weight", proj_out=f"dynamic_dense.{i}.w2.weight")
     for kind in ("weight", "bias") if family.norm_bias else ("weight",):
         plan.add(f"model.norm.{kind}", f"norm.{kind}", (D,), f"the final norm {kind}")
     plan.add("lm_head.weight", "output.weight", (V, D), "the LM head")
     return plan
 
 
-def _add_dense(plan: KeyPlan, dims: _Dims, i: int, *, static: str, proj_in: str, proj_out: str, layout: str = "torch") -> None:
+def _add_dense(plan: KeyPlan, config, i: int, *, static: str, proj_in: str, proj_out: str, layout: str = "torch") -> None:
     """The dense connection after block `i`. W1 / W2 are [h, D] / [C*J, h] in PyTorch; the JAX layouts store them
     transposed, W2 as [h, C*J] (Pax) or [h, C, J] (MaxText)."""
-    c, j, h = dims.streams(i), i + 2, dims.dense_width(i)
+    c, j, h = _dense_shape(config, i)
     what = f"the dense connection after block {i}"
     plan.add(f"{_dense(i)}static_weights", static, (c, j), what + f" (static weights b, [C={c}, {j}])")
-    if not dims.dynamic_dense:
+    if not config.dynamic_dense:
         return
     if layout in ("pax", "maxtext"):
-        plan.add(f"{_dense(i)}proj_in.weight", proj_in, (dims.hidden_size, h), what + " (W1)", _transposed)
+        plan.add(f"{_dense(i)}proj_in.weight", proj_in, (config.hidden_size, h), what + " (W1)", _transposed)
         out_shape = (h, c * j) if layout == "pax" else (h, c, j)
         plan.add(f"{_dense(i)}proj_out.weight", proj_out, out_shape, what + " (W2)", _flatten_tail_transposed)
     else:
-        plan.add(f"{_dense(i)}proj_in.weight", proj_in, (h, dims.hidden_size), what + " (W1)")
+        plan.add(f"{_dense(i)}proj_in.weight", proj_in, (h, config.hidden_size), what + " (W1)")
         plan.add(f"{_dense(i)}proj_out.weight", proj_out, (c * j, h), what + " (W2)")
 
 
@@ -511,8 +496,9 @@ def pax_family(source: TensorSource, model_type: str | None) -> Family:
 
 
 def pax_plan(config, family: Family) -> KeyPlan:
-    dims, plan = _Dims(config), KeyPlan()
+    plan = KeyPlan()
     D, V = config.hidden_size, config.vocab_size
+    head, _, _ = _widths(config)
     # MUDDPythia's Pax LayerNorms store `scale - 1`; qk-norm scales and MUDDFormer's RMSNorms are stored as they are.
     scale = _plus_one if family.norm_bias else None
 
@@ -531,16 +517,16 @@ def pax_plan(config, family: Family) -> KeyPlan:
         attention = f"{src}self_attention."
         for name, short, heads in (("query", "q", config.num_attention_heads), ("key", "k", config.num_key_value_heads), ("value", "v", config.num_key_value_heads)):
             what = f"the {name} projection of {block}"
-            plan.add(f"{dst}self_attn.{short}_proj.weight", f"{attention}{name}.w", (D, heads, dims.head), what, _flatten_tail_transposed)
+            plan.add(f"{dst}self_attn.{short}_proj.weight", f"{attention}{name}.w", (D, heads, head), what, _flatten_tail_transposed)
             if config.attention_bias:
-                plan.add(f"{dst}self_attn.{short}_proj.bias", f"{attention}{name}.b", (heads, dims.head), what + " (bias)", _flatten_tail)
+                plan.add(f"{dst}self_attn.{short}_proj.bias", f"{attention}{name}.b", (heads, head), what + " (bias)", _flatten_tail)
         what = f"the output projection of {block}"
-        plan.add(f"{dst}self_attn.o_proj.weight", f"{attention}post.w", (D, config.num_attention_heads, dims.head), what, _flatten_tail)
+        plan.add(f"{dst}self_attn.o_proj.weight", f"{attention}post.w", (D, config.num_attention_heads, head), what, _flatten_tail)
         if config.attention_bias:
             plan.add(f"{dst}self_attn.o_proj.bias", f"{attention}post.b", (D,), what + " (bias)")
         if config.use_qk_norm:
             for short in "qk":
-                plan.add(f"{dst}self_attn.{short}_norm.weight", f"{attention}{short}_norm.scale", (dims.head,), f"the {short}-norm scale of {block}")
+                plan.add(f"{dst}self_attn.{short}_norm.weight", f"{attention}{short}_norm.scale", (head,), f"the {short}-norm scale of {block}")
         width, ffn = config.ffn_width(i), f"{src}ff_layer."
         layers = [("ffn_layer1_gate", "gate_proj", (D, width)), ("ffn_layer1", "up_proj", (D, width)), ("ffn_layer2", "down_proj", (width, D))]
         for source, target, shape in layers if family.gated_ffn else [layers[1], layers[2]]:
@@ -549,7 +535,7 @@ def pax_plan(config, family: Family) -> KeyPlan:
             if config.mlp_bias:
                 plan.add(f"{dst}mlp.{target}.bias", f"{ffn}{source}.bias.b", shape[1:], what + " (bias)")
         _add_dense(
-            plan, dims, i, static=f"{PAX}.transformer.dense_conn_{i}", proj_in=f"{src}dynamic_dense_conn1_{i}",
+            plan, config, i, static=f"{PAX}.transformer.dense_conn_{i}", proj_in=f"{src}dynamic_dense_conn1_{i}",
             proj_out=f"{src}dynamic_dense_conn2_{i}", layout="pax",
         )
     norm("model.norm", f"{PAX}.final_ln", "the final norm")
@@ -558,9 +544,6 @@ def pax_plan(config, family: Family) -> KeyPlan:
 
 
 # ---------------------------------------------------------------------------------------------------- C: MaxText
-MAXTEXT = "params."
-
-
 def _maxtext_layer(i: int) -> str:
     return f"params.decoder.layers_{i}."
 
@@ -575,7 +558,7 @@ def maxtext_canonical_name(raw: str) -> str | None:
         parts = parts[1:]
     if not parts or parts[0] not in ("decoder", "token_embedder"):
         return None
-    return MAXTEXT + ".".join(parts)
+    return "params." + ".".join(parts)
 
 
 MAXTEXT_SHAPES = ShapeLayout(
@@ -588,8 +571,9 @@ MAXTEXT_SHAPES = ShapeLayout(
 
 
 def maxtext_plan(config, family: Family) -> KeyPlan:
-    dims, plan = _Dims(config), KeyPlan()
+    plan = KeyPlan()
     D, V = config.hidden_size, config.vocab_size
+    head, _, _ = _widths(config)
     plan.add("model.embed_tokens.weight", "params.token_embedder.embedding", (AtLeast(V), D), "the token embedding", _first_rows(V))
     for i in range(config.num_hidden_layers):
         src, dst, block = _maxtext_layer(i), _layer(i), f"block {i}"
@@ -599,16 +583,16 @@ def maxtext_plan(config, family: Family) -> KeyPlan:
             plan.add(f"{target}.weight", f"{source}.scale", (D,), f"a pre-attention/FFN norm scale of {block}")
         attention = f"{src}self_attention."
         for name, short, heads in (("query", "q", config.num_attention_heads), ("key", "k", config.num_key_value_heads), ("value", "v", config.num_key_value_heads)):
-            plan.add(f"{dst}self_attn.{short}_proj.weight", f"{attention}{name}.kernel", (D, heads, dims.head), f"the {name} projection of {block}", _flatten_tail_transposed)
-        plan.add(f"{dst}self_attn.o_proj.weight", f"{attention}out.kernel", (config.num_attention_heads, dims.head, D), f"the output projection of {block}", _flatten_head_transposed)
+            plan.add(f"{dst}self_attn.{short}_proj.weight", f"{attention}{name}.kernel", (D, heads, head), f"the {name} projection of {block}", _flatten_tail_transposed)
+        plan.add(f"{dst}self_attn.o_proj.weight", f"{attention}out.kernel", (config.num_attention_heads, head, D), f"the output projection of {block}", _flatten_head_transposed)
         if config.use_qk_norm:
             for short in "qk":
-                plan.add(f"{dst}self_attn.{short}_norm.weight", f"{attention}{short}_norm.scale", (dims.head,), f"the {short}-norm scale of {block}")
+                plan.add(f"{dst}self_attn.{short}_norm.weight", f"{attention}{short}_norm.scale", (head,), f"the {short}-norm scale of {block}")
         width = config.ffn_width(i)
         for source, target, shape in (("wi_0", "gate_proj", (D, width)), ("wi_1", "up_proj", (D, width)), ("wo", "down_proj", (width, D))):
             plan.add(f"{dst}mlp.{target}.weight", f"{src}mlp.{source}.kernel", shape, f"the FFN {target} of {block} (width {width})", _transposed)
         _add_dense(
-            plan, dims, i, static=f"{src}dense_proj2.bias", proj_in=f"{src}dynamic_dense_conn1.kernel",
+            plan, config, i, static=f"{src}dense_proj2.bias", proj_in=f"{src}dynamic_dense_conn1.kernel",
             proj_out=f"{src}dynamic_dense_conn2.kernel", layout="maxtext",
         )
         if config.dense_prenorm and config.dynamic_dense:
@@ -704,8 +688,9 @@ def llama_config(source_config, family: Family = FAMILIES["muddformer"]):
 
 def llama_plan(config, family: Family = FAMILIES["muddformer"]) -> KeyPlan:
     """LlamaForCausalLM state dict -> MUDDFormer; the single input norm is copied to every stream norm."""
-    dims, plan = _Dims(config), KeyPlan(initialized=("model.dense",))
+    plan = KeyPlan(initialized=("model.dense",))
     D, V, F = config.hidden_size, config.vocab_size, config.intermediate_size
+    _, q_width, kv_width = _widths(config)
     plan.ignore(r"\.rotary_emb\.inv_freq$", "runtime buffer of older Llama checkpoints")
     plan.add("model.embed_tokens.weight", "model.embed_tokens.weight", (V, D), "the token embedding")
     for i in range(config.num_hidden_layers):
@@ -713,7 +698,7 @@ def llama_plan(config, family: Family = FAMILIES["muddformer"]) -> KeyPlan:
         norms = _norm_targets(i, config)
         plan.add([f"{n}.weight" for n in norms], f"{layer}input_layernorm.weight", (D,), f"the input norm of {block}", _copies(len(norms)))
         plan.add(f"{layer}mlp_norm.weight", f"{layer}post_attention_layernorm.weight", (D,), f"the post-attention norm of {block}")
-        for short, shape in (("q", (dims.q_width, D)), ("k", (dims.kv_width, D)), ("v", (dims.kv_width, D)), ("o", (D, dims.q_width))):
+        for short, shape in (("q", (q_width, D)), ("k", (kv_width, D)), ("v", (kv_width, D)), ("o", (D, q_width))):
             name = f"{layer}self_attn.{short}_proj."
             plan.add(name + "weight", name + "weight", shape, f"the {short} projection of {block}")
             if config.attention_bias:

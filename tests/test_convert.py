@@ -28,7 +28,7 @@ from convert_fixtures import (
     reference, spec_from_authors, spec_from_maxtext, spec_from_pax, with_,
 )
 from mudd_reference import randomize_
-from modeling_muddpythia import MUDDPythiaForCausalLM, muddify
+from modeling_muddpythia import muddify
 from modeling_muddpythia import convert as convert_module
 from modeling_muddpythia.convert import main
 from modeling_muddpythia.convert_io import ShardedSafetensorsWriter
@@ -109,11 +109,15 @@ def test_authors_pytorch_muddpythia_matches_reference(tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
-def test_authors_pytorch_sharded_bf16_keeps_the_source_dtype(tmp_path):
+def test_authors_pytorch_sharded_bf16_keeps_the_source_dtype(tmp_path, monkeypatch):
     tensors = cast(authors_tensors(Shapes(), seed=3), torch.bfloat16)
     source = write_authors(tmp_path / "src", Shapes(), tensors, layout="sharded")
     out = tmp_path / "out"
+    (tmp_path / "cards").mkdir()
+    (tmp_path / "cards" / "out.md").write_text("# the real card\n")
+    monkeypatch.setattr(convert_module, "MODEL_CARDS", tmp_path / "cards")
     assert convert("--format", "authors-pytorch", "--input", source / "model.safetensors.index.json", "--output", out) == 0
+    assert (out / "README.md").read_text() == "# the real card\n"
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_file(out / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert_matches_reference(out, spec_from_authors(tensors, Shapes()), Shapes())
@@ -240,6 +244,17 @@ def test_pax_tensorstore_directory(tmp_path, capsys):
     assert convert("--format", "pax", "--input", step, "--output", out, "--config", '{"vocab_size": 61}') == 0
     assert "skipping 1 arrays that are not model weights" in capsys.readouterr().err
     assert_matches_reference(out, spec_from_pax(tensors, Shapes()), Shapes())
+
+
+@needs_tensorstore
+def test_corrupt_tensorstore_chunk(tmp_path, capsys):
+    tensors = cast(pax_tensors(Shapes()))
+    write_tensorstore(tmp_path / "ckpt", {name: t.numpy() for name, t in tensors.items()}, ocdbt=False, metadata=True)
+    chunk = next((tmp_path / "ckpt" / f"{PAX}.final_ln.scale").glob("0*"))
+    chunk.write_bytes(b"\x00garbage" + chunk.read_bytes()[9:])
+    assert convert("--format", "pax", "--input", tmp_path / "ckpt", "--output", tmp_path / "out", "--config", '{"vocab_size": 61}') == 1
+    assert f"cannot read array '{PAX}.final_ln.scale'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 @needs_muddformer
@@ -458,12 +473,15 @@ def test_interrupt_mid_way_leaves_no_partial_output(authors_folder, tmp_path, ca
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and leftovers(tmp_path) == []
 
 
-def test_missing_tensorstore_is_explained(tmp_path, capsys, monkeypatch):
-    (tmp_path / "ckpt" / "w.zarr").mkdir(parents=True)
-    (tmp_path / "ckpt" / "w.zarr" / ".zarray").write_text("{}")
+def test_missing_tensorstore_or_unfinished_checkpoint_is_explained(tmp_path, capsys, monkeypatch):
+    for name in ("ckpt", "1000.orbax-checkpoint-tmp-17"):
+        (tmp_path / name / "w.zarr").mkdir(parents=True)
+        (tmp_path / name / "w.zarr" / ".zarray").write_text("{}")
     monkeypatch.setitem(sys.modules, "tensorstore", None)
     assert convert("--format", "maxtext", "--input", tmp_path / "ckpt", "--output", tmp_path / "out") == 1
     assert "needs the `tensorstore` package" in capsys.readouterr().err
+    assert convert("--format", "pax", "--input", tmp_path / "1000.orbax-checkpoint-tmp-17", "--output", tmp_path / "out") == 1
+    assert "an unfinished Orbax checkpoint" in capsys.readouterr().err
 
 
 def test_bad_config_options_are_explained(authors_folder, tmp_path, capsys):
