@@ -256,7 +256,7 @@ _AUTHORS_CONFIG_KEYS = {
     "rotary_pct": "partial_rotary_factor", "use_qk_norm": "use_qk_norm", "use_parallel_residual": "use_parallel_residual",
     "dense_type": "dense_streams", "expand_last": "dense_expand_last", "round64": "dense_round64",
     "sepln": "separate_stream_norms", "block_size": "max_position_embeddings", "vocab_size": "vocab_size",
-    "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+    "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "tie_word_embeddings": "tie_word_embeddings",
 }
 _AUTHORS_REQUIRED_KEYS = ("dim", "n_head", "n_layer", "vocab_size")
 
@@ -318,7 +318,7 @@ def authors_plan(config, family: Family) -> KeyPlan:
         _add_dense(plan, config, i, static=f"dense_bs.{i}", proj_in=f"dynamic_dense.{i}.w1.weight", proj_out=f"dynamic_dense.{i}.w2.weight")
     for kind in ("weight", "bias") if family.norm_bias else ("weight",):
         plan.add(f"model.norm.{kind}", f"norm.{kind}", (D,), f"the final norm {kind}")
-    plan.add("lm_head.weight", "output.weight", (V, D), "the LM head")
+    _add_head(plan, config, "output.weight")
     return plan
 
 
@@ -337,6 +337,14 @@ def _add_dense(plan: KeyPlan, config, i: int, *, static: str, proj_in: str, proj
     else:
         plan.add(f"{_dense(i)}proj_in.weight", proj_in, (h, config.hidden_size), what + " (W1)")
         plan.add(f"{_dense(i)}proj_out.weight", proj_out, (c * j, h), what + " (W2)")
+
+
+def _add_head(plan: KeyPlan, config, source: str) -> None:
+    """The LM head; a tied head is not stored (a source copy of it is ignored)."""
+    if config.tie_word_embeddings:
+        plan.ignore(rf"^{re.escape(source)}$", "tied to the input embedding")
+    else:
+        plan.add("lm_head.weight", source, (config.vocab_size, config.hidden_size), "the LM head")
 
 
 # ---------------------------------------------------------------------------------------------------- shape inference
@@ -668,13 +676,6 @@ def gpt_neox_plan(config, family: Family = FAMILIES["muddpythia"]) -> KeyPlan:
         plan.add(f"model.norm.{kind}", f"gpt_neox.final_layer_norm.{kind}", (D,), "the final norm")
     _add_head(plan, config, "embed_out.weight")
     return plan
-
-
-def _add_head(plan: KeyPlan, config, source: str) -> None:
-    if config.tie_word_embeddings:
-        plan.ignore(rf"^{re.escape(source)}$", "tied to the input embedding")
-    else:
-        plan.add("lm_head.weight", source, (config.vocab_size, config.hidden_size), "the LM head")
 
 
 def llama_config(source_config, family: Family = FAMILIES["muddformer"]):
