@@ -176,8 +176,8 @@ def _prepare_plain(options: Options) -> Prepared:
     except (OSError, ValueError) as error:
         raise ConversionError(f"{folder / 'config.json'}: transformers cannot read it ({error})") from None
     family = _check_model_type(options.model_type, "muddpythia" if expected == "gpt_neox" else "muddformer", f"--format {options.format}")
-    config = gpt_neox_config(source_config) if expected == "gpt_neox" else llama_config(source_config, family)
-    plan = gpt_neox_plan(config, family) if expected == "gpt_neox" else llama_plan(config, family)
+    config = gpt_neox_config(source_config) if expected == "gpt_neox" else llama_config(source_config)
+    plan = gpt_neox_plan(config) if expected == "gpt_neox" else llama_plan(config)
     source = open_weights(folder, options.allow_pickle)
     if expected == "gpt_neox":
         source = RenamedSource(source, gpt_neox_canonical_name)

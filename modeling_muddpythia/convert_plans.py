@@ -15,7 +15,6 @@ The configs come from the source (the authors' `config.json`, or the shapes in t
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -23,54 +22,31 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .configuration_mudd import MUDDDecoderConfig
+from .configuration_muddformer import MUDDFormerConfig
 from .configuration_muddpythia import MUDDPythiaConfig
 from .convert_io import ConversionError, TensorSource
+from .modeling_muddformer import MUDDFormerForCausalLM
+from .modeling_muddpythia import MUDDPythiaForCausalLM
 from .mudd import STREAM_NAMES, dense_hidden_width, reallocated_ffn_width
 
 
 # ---------------------------------------------------------------------------------------------------- families
 @dataclass(frozen=True)
 class Family:
-    """One MUDD model family: where its classes live and what its blocks contain."""
+    """One MUDD model family and what its blocks contain."""
 
     model_type: str
-    config_class_path: str
-    model_class_path: str
+    config_class: type
+    model_class: type
     eps_field: str
     norm_bias: bool  # LayerNorm (weight and bias) vs RMSNorm (weight only)
     gated_ffn: bool  # SwiGLU gate/up/down vs GELU up/down
 
-    def _load(self, path: str):
-        module_name, class_name = path.rsplit(".", 1)
-        try:
-            module = importlib.import_module(f".{module_name}", __package__)
-        except ModuleNotFoundError as error:
-            if error.name and error.name.endswith(module_name):
-                raise ConversionError(
-                    f"model type {self.model_type!r} needs {__package__}.{module_name}, which this installation lacks"
-                ) from None
-            raise
-        return getattr(module, class_name)
-
-    @property
-    def config_class(self):
-        return self._load(self.config_class_path)
-
-    @property
-    def model_class(self):
-        return self._load(self.model_class_path)
-
 
 FAMILIES = {
-    "muddpythia": Family(
-        "muddpythia", "configuration_muddpythia.MUDDPythiaConfig", "modeling_muddpythia.MUDDPythiaForCausalLM",
-        "layer_norm_eps", norm_bias=True, gated_ffn=False,
-    ),
-    # Built on its own branch; imported only when a MUDDFormer checkpoint is converted.
-    "muddformer": Family(
-        "muddformer", "configuration_muddformer.MUDDFormerConfig", "modeling_muddformer.MUDDFormerForCausalLM",
-        "rms_norm_eps", norm_bias=False, gated_ffn=True,
-    ),
+    "muddpythia": Family("muddpythia", MUDDPythiaConfig, MUDDPythiaForCausalLM, "layer_norm_eps", norm_bias=True, gated_ffn=False),
+    "muddformer": Family("muddformer", MUDDFormerConfig, MUDDFormerForCausalLM, "rms_norm_eps", norm_bias=False, gated_ffn=True),
 }
 
 # Keys of a saved config.json that describe the file rather than the model.
@@ -84,9 +60,11 @@ def build_config(family: Family, derived: Mapping, overrides: Mapping):
     `--config`) uses the config's own field names and wins. Raises `ConversionError` for unknown or invalid fields.
     """
     config_class = family.config_class
-    accepted = {
-        name for name, parameter in inspect.signature(config_class.__init__).parameters.items()
-        if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL) and name != "self"
+    accepted = {  # the family's own fields and the shared MUDD options its base class takes
+        name
+        for cls in config_class.__mro__ if "__init__" in vars(cls) and issubclass(cls, MUDDDecoderConfig)
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL) and name not in ("self", "norm_eps")
     }
     overrides = dict(overrides)
     model_type = overrides.pop("model_type", family.model_type)
@@ -627,14 +605,17 @@ _PLAIN_CONFIG_FIELDS = (
 
 
 def _muddified_config(config_class, source_config, **family_fields):
-    """Our config computing the same function as the plain `source_config`: qk-norm and FFN re-allocation off."""
-    return config_class(
+    """Our config computing the same function as the plain `source_config`: the shared fields, RoPE and attention
+    implementation, and the MUDD options a plain model has no weights for (qk-norm, FFN re-allocation) off."""
+    config = config_class(
         **{name: getattr(source_config, name) for name in _PLAIN_CONFIG_FIELDS},
         rope_parameters=dict(source_config.rope_parameters),
         use_qk_norm=False,
         ffn_width_reallocation=False,
         **family_fields,
     )
+    config._attn_implementation = source_config._attn_implementation
+    return config
 
 
 def gpt_neox_config(source_config) -> MUDDPythiaConfig:
@@ -650,7 +631,7 @@ def gpt_neox_canonical_name(name: str) -> str:
     return "embed_out.weight" if name == "lm_head.weight" else name
 
 
-def gpt_neox_plan(config, family: Family = FAMILIES["muddpythia"]) -> KeyPlan:
+def gpt_neox_plan(config) -> KeyPlan:
     """GPTNeoXForCausalLM state dict -> MUDDPythia; the single input norm is copied to every stream norm."""
     D, V = config.hidden_size, config.vocab_size
     plan = KeyPlan(initialized=("model.dense",))
@@ -678,16 +659,16 @@ def gpt_neox_plan(config, family: Family = FAMILIES["muddpythia"]) -> KeyPlan:
     return plan
 
 
-def llama_config(source_config, family: Family = FAMILIES["muddformer"]):
+def llama_config(source_config) -> MUDDFormerConfig:
     """The MUDDFormer config computing the same function as a `LlamaConfig`."""
     return _muddified_config(
-        family.config_class, source_config, rms_norm_eps=source_config.rms_norm_eps, mlp_bias=source_config.mlp_bias,
+        MUDDFormerConfig, source_config, rms_norm_eps=source_config.rms_norm_eps, mlp_bias=source_config.mlp_bias,
         num_key_value_heads=source_config.num_key_value_heads, head_dim=getattr(source_config, "head_dim", None),
         use_parallel_residual=False,
     )
 
 
-def llama_plan(config, family: Family = FAMILIES["muddformer"]) -> KeyPlan:
+def llama_plan(config) -> KeyPlan:
     """LlamaForCausalLM state dict -> MUDDFormer; the single input norm is copied to every stream norm."""
     plan = KeyPlan(initialized=("model.dense",))
     D, V, F = config.hidden_size, config.vocab_size, config.intermediate_size

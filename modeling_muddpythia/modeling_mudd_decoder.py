@@ -117,10 +117,42 @@ def eager_attention_forward(
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask[:, :, :, : key.shape[-2]]
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    # At least float32; float64 stays float64, where the mask's finfo(float64).min would be -inf in float32 and
+    # turn fully masked (padding) rows into NaN.
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+def attend_and_project(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    attn_implementation: str,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of `[batch, heads, seq, head_dim]` query/key/value with `attn_implementation`, then `module.o_proj`.
+
+    `module` gives `scaling`, `attention_dropout`, `num_key_value_groups`, `is_causal` and `o_proj`. Returns
+    (`[batch, seq, hidden]`, probabilities `[batch, heads, seq, kv_seq]` or None).
+    """
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=module.attention_dropout if module.training else 0.0,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(*attn_output.shape[:2], -1).contiguous()
+    return module.o_proj(attn_output), attn_weights
 
 
 class MUDDAttention(nn.Module):
@@ -172,21 +204,7 @@ class MUDDAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        return attend_and_project(self, query, key, value, attention_mask, self.config._attn_implementation, **kwargs)
 
 
 class MUDDDecoderLayer(GradientCheckpointingLayer):
@@ -195,9 +213,14 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
 
     Parallel residual: `out = R + attn(...) + mlp(mlp_norm(R))`; sequential: `h = R + attn(...)`,
     `out = h + mlp(mlp_norm(h))`.
+
+    `attention` replaces the causal rotary `MUDDAttention` (MUDDViT passes its bidirectional attention); it is called
+    as `attention(q, k, v, attention_mask=, position_embeddings=, past_key_values=, **kwargs)`.
     """
 
-    def __init__(self, config, layer_idx: int, norm_class: type[nn.Module], mlp: nn.Module):
+    def __init__(
+        self, config, layer_idx: int, norm_class: type[nn.Module], mlp: nn.Module, attention: nn.Module | None = None
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.use_parallel_residual = config.use_parallel_residual
@@ -205,7 +228,7 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
         self.attention_norms = nn.ModuleList(
             norm_class(config.hidden_size, eps=config.norm_eps) for _ in range(num_norms)
         )
-        self.self_attn = MUDDAttention(config, layer_idx)
+        self.self_attn = MUDDAttention(config, layer_idx) if attention is None else attention
         self.mlp_norm = norm_class(config.hidden_size, eps=config.norm_eps)
         self.mlp = mlp
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -248,7 +271,62 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
-class MUDDDecoderPreTrainedModel(PreTrainedModel):
+def run_mudd_blocks(
+    layers: nn.ModuleList,
+    dense: MUDDDenseConnections,
+    hidden_states: torch.Tensor,
+    *,
+    collect_hidden_states: bool = False,
+    collect_attentions: bool = False,
+    collect_dense_weights: bool = False,
+    **layer_kwargs,
+) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
+    """Run MUDD blocks from `X_0` `[batch, seq, hidden]`, each followed by its dense connection.
+
+    `layer_kwargs` go to every block. Returns the last dense connection's single stream `[batch, seq, hidden]`
+    (what the final norm reads) and, when collected, `(X_0, ..., X_L)`, the blocks' attention weights and the
+    dense connections' weights `[batch, seq, C_i, i + 2]`, else None for each.
+    """
+    stack = dense.start(hidden_states)
+    streams: tuple[torch.Tensor, ...] = (hidden_states,)
+    all_hidden_states = [hidden_states] if collect_hidden_states else None
+    all_attentions = [] if collect_attentions else None
+    all_dense_weights = [] if collect_dense_weights else None
+    for layer_idx, layer in enumerate(layers):
+        hidden_states, attn_weights = layer(streams, **layer_kwargs)
+        streams, dense_weights = dense(layer_idx, hidden_states, stack)
+        if collect_hidden_states:
+            all_hidden_states.append(hidden_states)
+        if collect_attentions:
+            all_attentions.append(attn_weights)
+        if collect_dense_weights:
+            all_dense_weights.append(dense_weights)
+    return (
+        streams[0],
+        tuple(all_hidden_states) if collect_hidden_states else None,
+        tuple(all_attentions) if collect_attentions else None,
+        tuple(all_dense_weights) if collect_dense_weights else None,
+    )
+
+
+class MUDDAutoMapMixin:
+    """For a `PreTrainedModel` of a MUDD family: `save_pretrained` writes an `auto_map` covering every Auto class in
+    the family's `_auto_map_entries` (`register_for_auto_class` records only one per class)."""
+
+    _auto_map_entries: dict[str, str] = {}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual; with remote code, `auto_map` covers AutoConfig, AutoModel and the task Auto class."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        module = self.__class__.__module__.split(".")[-1]
+        for auto_class, class_name in self._auto_map_entries.items():
+            auto_map.setdefault(auto_class, f"{module}.{class_name}")
+        if auto_map:
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MUDDDecoderPreTrainedModel(MUDDAutoMapMixin, PreTrainedModel):
     """Weight init and capabilities common to the MUDD decoders. Family subclasses set `config_class`,
     `norm_class`, `mlp_class` and `_no_split_modules`."""
 
@@ -273,16 +351,6 @@ class MUDDDecoderPreTrainedModel(PreTrainedModel):
                 module.inv_freq.copy_(inv_freq)
                 module.original_inv_freq.copy_(inv_freq)
         init_dense_connection_(module)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual; with remote code, `auto_map` covers AutoConfig, AutoModel and the task Auto class."""
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        module = self.__class__.__module__.split(".")[-1]
-        for auto_class, class_name in getattr(self, "_auto_map_entries", {}).items():
-            auto_map.setdefault(auto_class, f"{module}.{class_name}")
-        if auto_map:
-            self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
@@ -372,7 +440,9 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
             past_key_values = DynamicCache(config=config)
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         total_length = past_seen_tokens + inputs_embeds.shape[1]
-        if total_length > config.max_position_embeddings:
+        # A StaticCache counts its length in a tensor (bounded by its own size): comparing it here would sync the
+        # device and break `torch.compile` graphs, so only plain integer lengths are checked.
+        if isinstance(total_length, int) and total_length > config.max_position_embeddings:
             raise ValueError(
                 f"Input of {total_length} tokens (cache {past_seen_tokens} + new {inputs_embeds.shape[1]}) is longer "
                 f"than `max_position_embeddings` ({config.max_position_embeddings})"
@@ -391,38 +461,28 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
 
         hidden_states = self.embed_dropout(inputs_embeds)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        stack = self.dense.start(hidden_states)
-        streams: tuple[torch.Tensor, ...] = (hidden_states,)
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        all_attentions = [] if output_attentions else None
-        all_dense_weights = [] if output_dense_weights else None
-
-        for layer_idx, decoder_layer in enumerate(self.layers):
-            hidden_states, attn_weights = decoder_layer(
-                streams,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
-                **kwargs,
-            )
-            streams, dense_weights = self.dense(layer_idx, hidden_states, stack)
-            if output_hidden_states and layer_idx < len(self.layers) - 1:
-                all_hidden_states.append(hidden_states)
-            if output_attentions:
-                all_attentions.append(attn_weights)
-            if output_dense_weights:
-                all_dense_weights.append(dense_weights)
-
-        last_hidden_state = self.norm(streams[0])
-        if output_hidden_states:
-            all_hidden_states.append(last_hidden_state)
+        last_stream, all_hidden_states, all_attentions, all_dense_weights = run_mudd_blocks(
+            self.layers,
+            self.dense,
+            hidden_states,
+            collect_hidden_states=output_hidden_states,
+            collect_attentions=output_attentions,
+            collect_dense_weights=output_dense_weights,
+            attention_mask=causal_mask,
+            position_embeddings=position_embeddings,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        last_hidden_state = self.norm(last_stream)
+        if output_hidden_states:  # the decoders report the final-normed output in place of X_L
+            all_hidden_states = (*all_hidden_states[:-1], last_hidden_state)
 
         output = MUDDModelOutputWithPast(
             last_hidden_state=last_hidden_state,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-            dense_weights=tuple(all_dense_weights) if output_dense_weights else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            dense_weights=all_dense_weights,
         )
         return output if return_dict else output.to_tuple()
 

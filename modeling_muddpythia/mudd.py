@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from .mudd_triton import triton_aggregate_backward, triton_aggregate_forward, triton_aggregation_available
 
 
+TRITON_MIN_POSITIONS = 256
 STREAM_NAMES = {"qkvr": ("query", "key", "value", "residual"), "r": ("residual",)}
 
 
@@ -58,33 +62,48 @@ class MUDDRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = (hidden_states * torch.rsqrt(variance + self.eps)).to(input_dtype)
-        if self.weight is None:
-            return hidden_states
-        return self.weight * hidden_states
+        # One fused kernel on CUDA; reduced-precision inputs are normalised in float32 internally.
+        return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, elementwise_affine={self.weight is not None}"
 
 
+class _StateStorage:
+    """The autograd-free part of a `DenseStateStack`, which the backward pass keeps (holding the state tensors
+    there would tie the graph into a reference cycle and keep every activation alive until garbage collection).
+
+    `buffer` `[batch, seq, capacity, hidden]` holds each state once; `grad_buffer` (same layout) collects each
+    state's gradient from all the aggregations that read it. `first_reader[j]` is the number of states of the
+    first aggregation that read `X_j`: running last in backward, it hands the completed gradient to autograd.
+    `largest_reader` is the aggregation that runs first in backward and starts a fresh `grad_buffer`.
+    """
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self.grad_buffer: torch.Tensor | None = None
+        self.first_reader: list[int] = [0] * buffer.shape[2]
+        self.largest_reader = 0
+
+
 class DenseStateStack:
     """The states `X_0 .. X_j` seen so far in one forward pass.
 
-    They are kept twice without copying more than once: `buffer` (`[batch, seq, capacity, hidden]`, written once
-    per state) lets every aggregation read all earlier states with one batched matmul instead of re-stacking
-    them at each layer; `states` keeps the autograd-tracked tensors so that gradients reach each block.
+    Each state is written once into `storage.buffer` (`[batch, seq, capacity, hidden]`), from which every
+    aggregation reads all earlier states with one kernel instead of re-stacking them at each layer; `states`
+    keeps the autograd-tracked tensors so that gradients reach each block.
     """
 
     def __init__(self, first_state: torch.Tensor, capacity: int, device: torch.device | None = None):
         batch_size, seq_length, hidden_size = first_state.shape
-        self.buffer = first_state.new_empty(
-            batch_size, seq_length, capacity, hidden_size, device=device or first_state.device
-        )
+        buffer = first_state.new_empty(batch_size, seq_length, capacity, hidden_size, device=device or first_state.device)
+        self.storage = _StateStorage(buffer)
         self.states: list[torch.Tensor] = []
         self.append(first_state)
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self.storage.buffer
 
     def append(self, state: torch.Tensor) -> None:
         if len(self.states) >= self.buffer.shape[2]:
@@ -97,41 +116,77 @@ class DenseStateStack:
 
 
 class _DepthAggregate(torch.autograd.Function):
-    """`out[b, t, c] = sum_j weights[b, t, c, j] * buffer[b, t, j]` with gradients routed to each state.
+    """`streams[c] = sum_j weights[..., c, j] * X_j` over the first `J` states of a `DenseStateStack`.
 
-    The states are read from the shared buffer in forward and backward, so nothing of size `[.., J, hidden]`
-    is saved per layer (a naive stack + einsum keeps O(L^2) activations alive for backward).
+    Nothing of size `[.., J, hidden]` is saved per layer: the states are read back from the stack's buffer (later
+    layers only write slots >= J). Gradients of the states are accumulated into the storage's `grad_buffer`; the
+    aggregation that read `X_j` first in forward (in a model: the one after block `j - 1`) runs last in backward,
+    when the slot is complete, and it alone hands the gradient of `X_j` to autograd, so that the O(L^2) per-layer
+    gradient tensors of a plain implementation and their sums never exist.
+    On CUDA the work is done by the Triton kernels of `mudd_triton.py`; elsewhere by batched matmuls.
     """
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, buffer: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weights: torch.Tensor, storage: _StateStorage, *states: torch.Tensor) -> torch.Tensor:
         num_states = len(states)
         ctx.save_for_backward(weights)
-        # Later layers only write to slots >= num_states, so this prefix is unchanged at backward time.
-        ctx.buffer = buffer
+        ctx.storage = storage
         ctx.num_states = num_states
-        return torch.matmul(weights, buffer[:, :, :num_states])
+        for j in range(num_states):
+            storage.first_reader[j] = storage.first_reader[j] or num_states
+        storage.largest_reader = max(storage.largest_reader, num_states)
+        return _aggregate_forward(weights, storage.buffer, num_states)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (weights,) = ctx.saved_tensors
-        history = ctx.buffer[:, :, : ctx.num_states]
-        grad_weights = torch.matmul(grad_output, history.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
-        grad_history = torch.matmul(weights.transpose(-1, -2), grad_output)
-        return (grad_weights, None, *grad_history.unbind(2))
+        storage, num_states = ctx.storage, ctx.num_states
+        if storage.grad_buffer is None or num_states == storage.largest_reader:
+            storage.grad_buffer = torch.zeros_like(storage.buffer)  # a new backward pass starts here
+        grad_weights = _aggregate_backward(weights, storage.buffer, storage.grad_buffer, grad_output, num_states)
+        grad_states = [
+            storage.grad_buffer[:, :, j] if storage.first_reader[j] == num_states and ctx.needs_input_grad[2 + j] else None
+            for j in range(num_states)
+        ]
+        return (grad_weights if ctx.needs_input_grad[0] else None, None, *grad_states)
 
 
-def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> torch.Tensor:
-    """Mix the states of `stack`: `weights` `[batch, seq, C, J]` -> streams `[batch, seq, C, hidden]`."""
+def _use_triton(weights: torch.Tensor, buffer: torch.Tensor) -> bool:
+    # The Triton kernels pay off for prefill and training; for a few decode positions their launch costs more.
+    return weights.shape[0] * weights.shape[1] >= TRITON_MIN_POSITIONS and triton_aggregation_available(buffer)
+
+
+def _aggregate_forward(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
+    """-> streams stream-major, `[C, batch, seq, hidden]`."""
+    if _use_triton(weights, buffer):
+        return triton_aggregate_forward(weights, buffer, num_states)
+    return torch.matmul(weights, buffer[:, :, :num_states]).movedim(2, 0)
+
+
+def _aggregate_backward(weights, buffer, grad_buffer, grad_output, num_states) -> torch.Tensor:
+    """Add each state's gradient into `grad_buffer[:, :, :J]` and return the weights' gradient `[b, t, C, J]`."""
+    if _use_triton(weights, buffer):
+        return triton_aggregate_backward(weights, buffer, grad_buffer, grad_output, num_states)
+    grad_output = grad_output.movedim(0, 2)  # [batch, seq, C, hidden]
+    history = buffer[:, :, :num_states]
+    grad_buffer[:, :, :num_states] += torch.matmul(weights.transpose(-1, -2), grad_output)
+    return torch.matmul(grad_output, history.transpose(-1, -2))
+
+
+def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> tuple[torch.Tensor, ...]:
+    """Mix the states of `stack` with `weights` `[batch, seq, C, J]` into C streams, each `[batch, seq, hidden]`."""
     num_states = len(stack)
     if weights.shape[-1] != num_states:
         raise ValueError(f"dense weights cover {weights.shape[-1]} states but {num_states} were produced")
-    weights = weights.to(stack.buffer.dtype)
-    needs_grad = torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in stack.states))
-    if not needs_grad:
-        return torch.matmul(weights, stack.buffer[:, :, :num_states])
+    weights = weights.to(stack.buffer.dtype).contiguous()
     states = [s.to(stack.buffer.device) for s in stack.states]
-    return _DepthAggregate.apply(weights, stack.buffer, *states)
+    # Under autocast the states are mixed in their own dtype, like a residual add (float32 under bf16 autocast):
+    # autocast would also give `_DepthAggregate` a low-precision output whose gradient no longer matches the
+    # float32 states in its backward.
+    with torch.autocast(stack.buffer.device.type, enabled=False):
+        if torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in states)):
+            return _DepthAggregate.apply(weights, stack.storage, *states).unbind(0)
+        return _aggregate_forward(weights, stack.buffer, num_states).unbind(0)
 
 
 class DepthAggregator(nn.Module):
@@ -195,8 +250,7 @@ class DepthAggregator(nn.Module):
         Returns the `C` streams for the next block (each `[batch, seq, hidden]`) and the weights `[batch, seq, C, i+2]`.
         """
         weights = self.compute_weights(layer_output)
-        mixed = aggregate_states(weights, stack)
-        streams = list(mixed.unbind(2))
+        streams = list(aggregate_states(weights, stack))
         if self.post_norm is not None:
             streams[-1] = layer_output + self.post_norm(streams[-1]).to(layer_output.dtype)
         return tuple(streams), weights

@@ -12,33 +12,43 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .convert_plans import apply_plan, gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan
+from .configuration_muddvit import MUDDViTConfig
+from .convert_plans import apply_plan, gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan, llama_config, llama_plan
 from .mudd import MUDDDenseConnections
+from .modeling_muddformer import MUDDFormerForCausalLM
 from .modeling_muddpythia import MUDDPythiaForCausalLM
+from .modeling_muddvit import MUDDViTForImageClassification
 
 
-def _build_like(model_class: type[nn.Module], config, source: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Build `model_class(config)` on the source's device and dtype, fill it from `state`, identity-init the rest.
+def build_from_plain_state(
+    model_class: type[nn.Module],
+    config,
+    state: dict[str, torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    origin: str = "muddify",
+) -> nn.Module:
+    """Build `model_class(config)` on `device` in `dtype`, fill it from `state`, identity-init the dense connections.
 
     Every key of `state` must be a parameter of the new model and every parameter not in `state` must belong to
-    the dense connections, so a mapping mistake cannot pass silently.
+    the dense connections, so a mapping mistake cannot pass silently; `origin` names the caller in the errors.
     """
-    reference = next(source.parameters())
-    config.dtype = reference.dtype
+    config.dtype = dtype
     with torch.device("meta"):
         model = model_class(config)
-    model = model.to_empty(device=reference.device).to(reference.dtype)
+    model = model.to_empty(device=device).to(dtype)
     own = dict(model.state_dict())
     unexpected = sorted(set(state) - set(own))
     if unexpected:
-        raise KeyError(f"muddify produced keys the MUDD model does not have: {unexpected[:5]}")
+        raise KeyError(f"{origin} produced keys the MUDD model does not have: {unexpected[:5]}")
     for name, tensor in state.items():
         if own[name].shape != tensor.shape:
-            raise ValueError(f"muddify: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
-    tied = set(model._tied_weights_keys or {}) if config.tie_word_embeddings else set()  # filled by tie_weights()
-    missing = sorted(k for k in set(own) - set(state) - tied if ".dense." not in f".{k}")
+            raise ValueError(f"{origin}: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
+    tied = set(model._tied_weights_keys or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(k for k in set(own) - set(state) - tied if ".dense." not in f".{k}")  # tied: tie_weights()
     if missing:
-        raise KeyError(f"muddify left MUDD parameters unfilled: {missing[:5]}")
+        raise KeyError(f"{origin} left MUDD parameters unfilled: {missing[:5]}")
     model.load_state_dict(state, strict=False)
     # What was not copied: the dense connections (identity init) and non-persistent buffers (rotary frequencies).
     for module in model.modules():
@@ -46,29 +56,87 @@ def _build_like(model_class: type[nn.Module], config, source: nn.Module, state: 
             module.apply(model._init_weights)
         elif any(True for _ in module.buffers(recurse=False)):
             model._init_weights(module)
-    if model.config.tie_word_embeddings:
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    return model
+
+
+def _build_like(model_class: type[nn.Module], config, source: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`build_from_plain_state` on the source's device and dtype, in the source's train/eval mode."""
+    reference = next(source.parameters())
+    model = build_from_plain_state(model_class, config, state, device=reference.device, dtype=reference.dtype)
     model.train(source.training)
     return model
 
 
 def _muddify_gpt_neox(model: nn.Module) -> MUDDPythiaForCausalLM:
-    # The same key plan as the checkpoint converter (`mudd-convert --format gpt-neox`), applied in memory.
+    # The checkpoint converter's key plan (`mudd-convert --format gpt-neox`), applied in memory.
     config = gpt_neox_config(model.config)
-    config._attn_implementation = model.config._attn_implementation
     state = apply_plan(gpt_neox_plan(config), {gpt_neox_canonical_name(k): v for k, v in model.state_dict().items()})
     return _build_like(MUDDPythiaForCausalLM, config, model, state)
 
 
+def _muddify_llama(model: nn.Module) -> MUDDFormerForCausalLM:
+    # The checkpoint converter's key plan (`mudd-convert --format llama`), applied in memory.
+    config = llama_config(model.config)
+    return _build_like(MUDDFormerForCausalLM, config, model, apply_plan(llama_plan(config), model.state_dict()))
+
+
+# ViTConfig fields that mean the same in MUDDViTConfig (which keeps ViT's names).
+_VIT_CONFIG_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
+    "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps", "image_size", "patch_size", "num_channels",
+    "qkv_bias", "problem_type",
+)
+
+
+def _muddify_vit(model: nn.Module) -> MUDDViTForImageClassification:
+    source_config = model.config
+    config = MUDDViTConfig(
+        **{name: getattr(source_config, name) for name in _VIT_CONFIG_FIELDS},
+        id2label=dict(source_config.id2label),
+        label2id=dict(source_config.label2id),
+    )
+    config._attn_implementation = source_config._attn_implementation
+    source = model.state_dict()
+    embeddings = (
+        "cls_token", "position_embeddings", "patch_embeddings.projection.weight", "patch_embeddings.projection.bias"
+    )
+    state = {f"vit.embeddings.{name}": source[f"vit.embeddings.{name}"] for name in embeddings}
+    for kind in ("weight", "bias"):
+        state[f"vit.layernorm.{kind}"] = source[f"vit.layernorm.{kind}"]
+        if config.num_labels > 0:
+            state[f"classifier.{kind}"] = source[f"classifier.{kind}"]
+        for i in range(config.num_hidden_layers):
+            src, dst = f"vit.layers.{i}.", f"vit.encoder.layers.{i}."
+            for norm_idx in range(3 if config.uses_separate_stream_norms(i) else 1):
+                state[f"{dst}attention_norms.{norm_idx}.{kind}"] = source[f"{src}layernorm_before.{kind}"]
+            state[f"{dst}mlp_norm.{kind}"] = source[f"{src}layernorm_after.{kind}"]
+            state[f"{dst}mlp.up_proj.{kind}"] = source[f"{src}mlp.fc1.{kind}"]
+            state[f"{dst}mlp.down_proj.{kind}"] = source[f"{src}mlp.fc2.{kind}"]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                if kind == "bias" and name != "o_proj" and not config.qkv_bias:
+                    continue
+                state[f"{dst}self_attn.{name}.{kind}"] = source[f"{src}attention.{name}.{kind}"]
+    return _build_like(MUDDViTForImageClassification, config, model, state)
+
+
 # Source class name -> converter. Other families register here.
-MUDDIFIERS: dict[str, Callable[[nn.Module], nn.Module]] = {"GPTNeoXForCausalLM": _muddify_gpt_neox}
+MUDDIFIERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "GPTNeoXForCausalLM": _muddify_gpt_neox,
+    "LlamaForCausalLM": _muddify_llama,
+    "ViTForImageClassification": _muddify_vit,
+}
 
 
 def muddify(model: nn.Module) -> nn.Module:
     """Return the MUDD model equivalent to `model` (same device, dtype and train/eval mode).
 
-    Supported sources: transformers' `GPTNeoXForCausalLM` -> `MUDDPythiaForCausalLM` (qk-norm and FFN
-    re-allocation off, fused qkv split, identity dense connections).
+    Supported sources (identity dense connections; the plain model's function is kept):
+    transformers' `GPTNeoXForCausalLM` -> `MUDDPythiaForCausalLM` (qk-norm and FFN re-allocation off, fused qkv
+    split), `LlamaForCausalLM` -> `MUDDFormerForCausalLM` (grouped-query attention and biases kept) and
+    `ViTForImageClassification` -> `MUDDViTForImageClassification` (labels, image size and attention
+    implementation kept).
     """
     converter = MUDDIFIERS.get(type(model).__name__)
     if converter is None:

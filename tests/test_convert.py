@@ -3,7 +3,6 @@
 Each format test writes a synthetic checkpoint in that format's exact layout (tests/convert_fixtures.py), converts
 it, loads the result and compares its logits with the float64 spec reference fed directly from the *source*
 tensors by their source names (or, for muddified plain models, with transformers' own GPT-NeoX / Llama).
-MUDDFormer paths run once `modeling_muddpythia.modeling_muddformer` exists (it is built on another branch).
 """
 
 from __future__ import annotations
@@ -36,9 +35,7 @@ from modeling_muddpythia.convert_io import ShardedSafetensorsWriter
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_TENSORSTORE = importlib.util.find_spec("tensorstore") is not None
-HAS_MUDDFORMER = importlib.util.find_spec("modeling_muddpythia.modeling_muddformer") is not None
 needs_tensorstore = pytest.mark.skipif(not HAS_TENSORSTORE, reason="tensorstore is not installed")
-needs_muddformer = pytest.mark.skipif(not HAS_MUDDFORMER, reason="MUDDFormer is not in this tree yet")
 INPUT_IDS = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
@@ -181,7 +178,6 @@ def test_output_loads_where_our_package_is_not_importable(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt").double(), expected, atol=2e-4, rtol=1e-4)
 
 
-@needs_muddformer
 def test_authors_pytorch_muddformer_matches_reference(tmp_path):
     tensors = cast(authors_tensors(FORMER))
     out = tmp_path / "out"
@@ -257,7 +253,6 @@ def test_corrupt_tensorstore_chunk(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-@needs_muddformer
 def test_pax_muddformer_npz(tmp_path):
     tensors = cast(pax_tensors(FORMER))
     np.savez(tmp_path / "pax.npz", **{name: t.numpy() for name, t in tensors.items()})
@@ -271,7 +266,6 @@ def test_pax_muddformer_npz(tmp_path):
 MAXTEXT = with_(FORMER, first_layer_norms=True)
 
 
-@needs_muddformer
 @needs_tensorstore
 def test_maxtext_orbax_ocdbt_bf16(tmp_path):
     import ml_dtypes
@@ -288,7 +282,6 @@ def test_maxtext_orbax_ocdbt_bf16(tmp_path):
     assert_matches_reference(out, spec_from_maxtext(tensors, MAXTEXT), MAXTEXT)
 
 
-@needs_muddformer
 @needs_tensorstore
 def test_maxtext_prenorm_postnorm(tmp_path):
     shapes = with_(MAXTEXT, prenorm=True, postnorm=True)
@@ -337,7 +330,6 @@ def test_gpt_neox_is_muddified_to_the_same_function(tmp_path, capsys, tied):
     assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("t5") == 5
 
 
-@needs_muddformer
 def test_llama_is_muddified_to_the_same_function(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

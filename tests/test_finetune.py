@@ -1,0 +1,446 @@
+"""Fine-tuning (`modeling_muddpythia.finetune`, the `mudd-finetune` command): Trainer with the padding collator,
+gradient checkpointing, resume, Trainer's `num_items_in_batch` loss path, bf16 autocast, LoRA through peft,
+`--muddify`, 2-process data parallel over gloo and FSDP2 sharding. Tiny models, a character tokenizer built here,
+CPU, no network."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from modeling_muddpythia import MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM
+from modeling_muddpythia import finetune
+from modeling_muddpythia.finetune import (
+    LORA_TARGET_MODULES,
+    CausalLMPaddingCollator,
+    build_parser,
+    build_trainer,
+    main,
+    read_texts,
+    save_result,
+    tokenize_texts,
+    training_arguments,
+)
+
+from mudd_reference import randomize_
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,"
+VOCAB = len(CHARS) + 2  # + <|endoftext|> (EOS and pad, id 0) and <unk>
+PHRASES = ["the cat sat", "a dog ran", "on the mat", "in the sun", "far away"]
+WORKER = Path(__file__).with_name("finetune_worker.py")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character; `<|endoftext|>` (id 0) is the EOS token and there is no pad token, as in Pythia."""
+    vocab = {"<|endoftext|>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>")
+
+
+def tiny_config(**overrides) -> MUDDPythiaConfig:
+    values = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=256, max_position_embeddings=64)
+    return MUDDPythiaConfig(**(values | overrides))
+
+
+def save_folder(path: Path, model, tokenizer) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_phrases(path: Path, phrases: list[str], seed: int) -> Path:
+    """48 JSON-lines examples of 1 to 4 random phrases each (so of very different lengths)."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(48):
+            f.write(json.dumps({"text": " ".join(rng.choice(phrases) for _ in range(rng.randint(1, 4)))}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: fastest for these tiny models, and several threads thrash on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, one_thread) -> dict[str, Path]:
+    """Tiny MUDDPythia folders with the tokenizer (random init, random init with dropout, and "pretrained": 24
+    steps on `data`), the training data and a second data set of other phrases for LoRA."""
+    root = tmp_path_factory.mktemp("finetune")
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model_dir = save_folder(root / "model", MUDDPythiaForCausalLM(tiny_config()), tokenizer)
+    torch.manual_seed(0)
+    dropout_dir = save_folder(root / "dropout", MUDDPythiaForCausalLM(tiny_config(hidden_dropout=0.1)), tokenizer)
+    data = write_phrases(root / "train.jsonl", PHRASES, seed=0)
+    train(cli_args(model_dir, data, root / "pretrained", "--max-steps", 24))
+    other_data = write_phrases(root / "other.jsonl", ["jump over box", "quick zebra", "lazy fox", "we go home"], 1)
+    return {"model": model_dir, "dropout": dropout_dir, "pretrained": root / "pretrained", "data": data,
+            "other_data": other_data}
+
+
+def cli_args(model_dir: Path, data: Path, output: Path, *extra) -> list[str]:
+    return [str(model_dir), "--data", str(data), "--output", str(output), "--cpu", "--batch-size", "8",
+            "--learning-rate", "1e-2", "--logging-steps", "1", "--save-steps", "1000", *map(str, extra)]
+
+
+def train(argv: list[str], callbacks=()) -> Trainer:
+    args = build_parser().parse_args(argv)
+    trainer = build_trainer(args)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    trainer.train()
+    save_result(trainer, args)
+    return trainer
+
+
+def logged_losses(trainer: Trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def probe_ids() -> torch.Tensor:
+    return torch.tensor([[20, 9, 6, 28, 4, 2, 21, 28, 20, 2, 21], [3, 28, 5, 16, 8, 28, 19, 2, 15, 0, 0]])
+
+
+def assert_states_close(expected: dict, actual: dict, atol: float) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        diff = (expected[name].float() - actual[name].float()).abs().max().item()
+        assert diff <= atol, f"{name}: max |diff| {diff:.3g} > {atol}"
+
+
+def run_torchrun(*worker_args, timeout: float = 240) -> str:
+    """Run `finetune_worker.py` on 2 CPU processes (gloo over loopback); `--standalone` picks a free port."""
+    env = dict(os.environ, **OFFLINE_ENV, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(WORKER), *map(str, worker_args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
+        output, _ = process.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout}s:\n{output[-4000:]}")
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_padding_collator_masks_padding_by_position_not_by_pad_id():
+    # id 0 is EOS and pad at once: the real EOS of the first example stays a target, the padding does not.
+    batch = CausalLMPaddingCollator(pad_token_id=0)([{"input_ids": [5, 6, 0]}, {"input_ids": [7]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 0], [7, -100, -100]]
+    padded = CausalLMPaddingCollator(pad_token_id=3, pad_to_multiple_of=4)([{"input_ids": [5, 6, 7, 8, 9]}])
+    assert padded["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 3, 3]]
+
+
+def test_reading_and_tokenizing_local_files(tmp_path):
+    (tmp_path / "a.txt").write_text("ab c\n\n  \nd\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"body": "y", "text": "z"}\n')
+    assert read_texts([tmp_path / "a.txt", tmp_path / "b.jsonl"]) == ["ab c", "d", "x", "z"]
+    with pytest.raises(ValueError, match=r"b.jsonl line 1: expected an object with a string field 'body'"):
+        read_texts([tmp_path / "b.jsonl"], text_field="body")
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
+        read_texts([tmp_path / "bad.jsonl"])
+    (tmp_path / "c.csv").write_text("text\nx\n")
+    with pytest.raises(ValueError, match="unsupported data file type '.csv'"):
+        read_texts([tmp_path / "c.csv"])
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no examples"):
+        read_texts([tmp_path / "empty.txt"])
+
+    # EOS closes every example; truncation cuts it off a long one; a lone token is dropped
+    dataset = tokenize_texts(["ab", "abcdef", ""], char_tokenizer(), max_length=4)
+    assert dataset["input_ids"] == [[2, 3, 0], [2, 3, 4, 5]]
+
+
+# --------------------------------------------------------------------------- Trainer
+
+
+def test_trainer_lowers_loss_and_checkpointing_changes_nothing(workspace, tmp_path):
+    final = {}
+    for checkpointing in (False, True):
+        output = tmp_path / f"checkpointing-{checkpointing}"
+        extra = ["--max-steps", 16] + (["--gradient-checkpointing"] if checkpointing else [])
+        trainer = train(cli_args(workspace["model"], workspace["data"], output, *extra))
+        assert trainer.model.is_activation_checkpointing == checkpointing
+        losses = logged_losses(trainer)
+        assert len(losses) == 16 and losses[-1] < 0.75 * losses[0], losses
+        final[checkpointing] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    # Recomputing activations in backward gives the same gradients, hence the same trained weights.
+    assert_states_close(final[False], final[True], atol=1e-5)
+    # The output folder is a complete model (weights, config, remote code, tokenizer) of the trained weights.
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    assert isinstance(reloaded, MUDDPythiaForCausalLM)
+    assert_states_close(final[True], reloaded.state_dict(), atol=0)
+    assert (output / "tokenizer.json").exists() and (output / "mudd.py").exists()
+
+
+def test_trainer_loss_kwargs_average_over_all_accumulated_tokens(workspace, tmp_path):
+    """Trainer passes `num_items_in_batch` (the label count of all accumulated micro-batches) to `forward`, which
+    hands it to the loss: one step with 2 micro-batches of 2 must equal SGD on the token mean over all 4 examples."""
+    model = AutoModelForCausalLM.from_pretrained(workspace["model"])
+    randomize_(model, seed=3)  # non-identity dense connections, so that their gradients are exercised too
+    reference = AutoModelForCausalLM.from_pretrained(workspace["model"])
+    reference.load_state_dict(model.state_dict())
+    examples = [{"input_ids": ids} for ids in ([5, 6, 7, 8, 9, 10, 11, 0], [12, 13, 0], [14, 15, 16, 17, 0], [18, 0])]
+    collate = CausalLMPaddingCollator(pad_token_id=0)
+
+    # forward itself: the summed token loss divided by the given count
+    batch = collate(examples[:2])
+    logits = model(**batch).logits
+    summed = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    loss = model(**batch, num_items_in_batch=torch.tensor(13)).loss
+    torch.testing.assert_close(loss, summed / 13)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+    )
+    Trainer(model=model, args=args, train_dataset=examples, data_collator=collate).train()
+
+    full = collate(examples)
+    full_logits = reference(**full).logits
+    mean = torch.nn.functional.cross_entropy(
+        full_logits[:, :-1].reshape(-1, VOCAB), full["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
+    mean.backward()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param -= 0.5 * param.grad
+    assert_states_close(reference.state_dict(), model.state_dict(), atol=1e-6)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(workspace, tmp_path):
+    """8 steps in one go == 4 steps, stop, resume to 8 (dropout on: the RNG state must be restored, and the data
+    order: 6 steps make an epoch, so the resumed run skips 4 batches and then crosses into epoch 2)."""
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                control.should_save = True
+                control.should_training_stop = True
+
+    model, data = workspace["dropout"], workspace["data"]
+    straight = train(cli_args(model, data, tmp_path / "straight", "--max-steps", 8))
+    expected = {k: v.detach().clone() for k, v in straight.model.state_dict().items()}
+
+    interrupted = train(cli_args(model, data, tmp_path / "resumed", "--max-steps", 8), callbacks=[StopAt()])
+    assert interrupted.state.global_step == 4 and (tmp_path / "resumed" / "checkpoint-4").is_dir()
+    assert max((expected[k] - v).abs().max().item() for k, v in interrupted.model.state_dict().items()) > 1e-3
+
+    # the command line, resuming from the last checkpoint in --output
+    assert main(cli_args(model, data, tmp_path / "resumed", "--max-steps", 8, "--resume-from-checkpoint")) == 0
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed")
+    assert_states_close(expected, resumed.state_dict(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_bf16_autocast_training_matches_float32_gradients():
+    torch.manual_seed(0)
+    model = MUDDPythiaForCausalLM(tiny_config()).train()
+    randomize_(model, seed=4)
+    ids = probe_ids()
+
+    def gradients(autocast: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    exact, mixed = gradients(False), gradients(True)
+    for name in exact:
+        assert torch.isfinite(mixed[name]).all(), name
+        error = (mixed[name] - exact[name]).norm() / exact[name].norm().clamp_min(1e-8)
+        assert error < 0.1, f"{name}: relative gradient error {error:.3f} under bf16 autocast"
+
+
+def test_bf16_flag_falls_back_to_float32_with_a_message(workspace, tmp_path, monkeypatch, capsys):
+    args = build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path, "--bf16"))
+    monkeypatch.setattr(finetune, "bf16_supported", lambda use_cpu: False)
+    assert training_arguments(args).bf16 is False
+    assert "no native bfloat16 support; training in float32" in capsys.readouterr().err
+    monkeypatch.setattr(finetune, "bf16_supported", lambda use_cpu: True)
+    assert training_arguments(args).bf16 is True
+    assert training_arguments(build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path))).bf16 is False
+
+
+# --------------------------------------------------------------------------- LoRA and muddify
+
+
+def test_lora_trains_adapters_and_dense_connections_only(workspace, tmp_path):
+    output = tmp_path / "lora"
+    # LoRA adapts a trained model to new data
+    base_dir = workspace["pretrained"]
+    args = build_parser().parse_args(cli_args(base_dir, workspace["other_data"], output, "--max-steps", 12,
+                                              "--learning-rate", 2e-2, "--lora", "--merge-lora"))
+    trainer = build_trainer(args)
+    adapted = trainer.model
+    trainable = {name for name, param in adapted.named_parameters() if param.requires_grad}
+    assert all(".lora_A." in n or ".lora_B." in n or ".dense.modules_to_save." in n for n in trainable), trainable
+    adapted_layers = {n.split(".lora_B.")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_B." in n}
+    assert adapted_layers == set(LORA_TARGET_MODULES) - {"gate_proj"}  # MUDDPythia's FFN has no gate
+    for dense_part in ("static_weights", "proj_in.weight", "proj_out.weight"):
+        assert any(n.endswith(dense_part) for n in trainable), dense_part
+    before = {name: param.detach().clone() for name, param in adapted.named_parameters()}
+
+    trainer.train()
+    losses = logged_losses(trainer)
+    assert losses[-1] < 0.7 * losses[0], losses
+    for name, param in adapted.named_parameters():
+        if name in trainable and (".lora_B." in name or "static_weights" in name):
+            assert not torch.equal(before[name], param), f"{name} did not train"
+        elif name not in trainable:
+            assert torch.equal(before[name], param), f"frozen {name} changed"
+    save_result(trainer, args)
+
+    ids = probe_ids()
+    adapted.eval()
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(output)
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(output / "adapter").eval()
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        assert isinstance(merged, MUDDPythiaForCausalLM)
+        assert (merged(ids).logits - expected).abs().max().item() < 1e-5
+        assert (reloaded(input_ids=ids).logits - expected).abs().max().item() < 1e-5
+        assert (base(ids).logits - expected).abs().max().item() > 1e-2  # the adapter does change the model
+
+    frozen_dense = build_trainer(build_parser().parse_args(
+        cli_args(workspace["model"], workspace["data"], tmp_path / "frozen", "--lora", "--lora-freeze-dense")
+    ))
+    trainable = [n for n, p in frozen_dense.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+
+
+def test_muddify_plain_pythia_then_lora_adapter_reloads(workspace, tmp_path):
+    torch.manual_seed(1)
+    plain = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, rotary_pct=0.5,
+    ))
+    pythia = save_folder(tmp_path / "pythia", plain, char_tokenizer())
+    output = tmp_path / "out"
+    trainer = train(cli_args(pythia, workspace["data"], output, "--max-steps", 3, "--muddify", "--lora"))
+
+    ids = probe_ids()
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(output / "base")
+        assert isinstance(base, MUDDPythiaForCausalLM)
+        assert (base(ids).logits - plain.eval()(ids).logits).abs().max().item() < 1e-5  # identity dense connections
+        config = json.loads((output / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str((output / "base").resolve())
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(output).eval()
+        expected = trainer.model.eval()(input_ids=ids).logits
+        assert (reloaded(input_ids=ids).logits - expected).abs().max().item() < 1e-5
+
+    with pytest.raises(ValueError, match="not a MUDD model; --muddify converts"):
+        build_trainer(build_parser().parse_args(cli_args(pythia, workspace["data"], tmp_path / "x")))
+    with pytest.raises(ValueError, match="already holds a MUDD model"):
+        build_trainer(build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path / "x",
+                                                         "--muddify")))
+
+
+def test_muddformer_fine_tunes_and_lora_covers_its_swiglu(workspace, tmp_path):
+    torch.manual_seed(0)
+    config = MUDDFormerConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64)
+    model_dir = save_folder(tmp_path / "muddformer", MUDDFormerForCausalLM(config), char_tokenizer())
+    trainer = train(cli_args(model_dir, workspace["data"], tmp_path / "full", "--max-steps", 12))
+    losses = logged_losses(trainer)
+    assert isinstance(trainer.model, MUDDFormerForCausalLM) and losses[-1] < 0.75 * losses[0], losses
+
+    lora = build_trainer(build_parser().parse_args(cli_args(model_dir, workspace["data"], tmp_path / "lora", "--lora")))
+    trainable = [n for n, p in lora.model.named_parameters() if p.requires_grad]
+    adapted_layers = {n.split(".lora_B.")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_B." in n}
+    assert adapted_layers == set(LORA_TARGET_MODULES)
+    assert any(".dense.modules_to_save." in n for n in trainable)
+
+
+def test_rejected_option_combinations(workspace, tmp_path):
+    def build(*extra):
+        return build_trainer(build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path, *extra)))
+
+    with pytest.raises(ValueError, match="--merge-lora and --lora-freeze-dense need --lora"):
+        build("--merge-lora")
+    with pytest.raises(ValueError, match="--fsdp needs GPUs"):  # accelerate would silently run DDP on CPU
+        build("--fsdp")
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        build("--max-length", 65)
+    with pytest.raises(ValueError, match="--max-length must be at least 2"):
+        build("--max-length", 1)
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+def test_two_process_data_parallel_ranks_end_identical(workspace, tmp_path):
+    dump, output = tmp_path / "dump", tmp_path / "ddp"
+    dump.mkdir()
+    run_torchrun("ddp", dump, "--",
+                 *cli_args(workspace["model"], workspace["data"], output, "--max-steps", 4, "--batch-size", 4))
+    ranks = [torch.load(dump / f"rank{r}.pt") for r in range(2)]
+    for rank in ranks:
+        assert rank["info"] == {"distributed_type": "DistributedType.MULTI_CPU", "world_size": 2, "backend": "gloo",
+                                "wrapper": "DistributedDataParallel"}
+    assert_states_close(ranks[0]["state"], ranks[1]["state"], atol=0)
+    initial = AutoModelForCausalLM.from_pretrained(workspace["model"]).state_dict()
+    assert max((initial[k] - v).abs().max().item() for k, v in ranks[0]["state"].items()) > 1e-3
+    assert_states_close(ranks[0]["state"], AutoModelForCausalLM.from_pretrained(output).state_dict(), atol=0)
+
+    # The two ranks together made the steps one process makes with their joint batch of 8: same data order,
+    # gradients averaged over all tokens of both ranks (`num_items_in_batch` gathered across processes).
+    single = train(cli_args(workspace["model"], workspace["data"], tmp_path / "single", "--max-steps", 4))
+    assert_states_close(single.model.state_dict(), ranks[0]["state"], atol=1e-5)
+
+
+def test_two_process_fsdp2_wraps_no_split_modules_and_matches_unsharded(workspace, tmp_path):
+    run_torchrun("fsdp", tmp_path, workspace["model"])
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    result = results[0]
+    assert all(results[1][key] == value for key, value in result.items() if key != "local_numel")
+    # accelerate's TRANSFORMER_BASED_WRAP policy, from `_no_split_modules`: each decoder layer and the dense module
+    assert sorted(result["wrapped"]) == ["MUDDDecoderLayer", "MUDDDecoderLayer", "MUDDDenseConnections"]
+    assert result["local_numel"] < 0.6 * result["full_numel"]  # each rank holds about half of every parameter
+    assert result["max_diff_vs_unsharded"] < 1e-5
+    assert result["max_change_from_init"] > 1e-3
