@@ -41,6 +41,7 @@ class Shapes:
     first_layer_norms: bool = False  # MaxText: block 0 also has separate q/k/v norms
     prenorm: bool = False
     postnorm: bool = False
+    qk_norm: bool = True
 
     @property
     def gated(self) -> bool:
@@ -301,7 +302,8 @@ def maxtext_tensors(s: Shapes, seed: int = 0) -> dict[str, torch.Tensor]:
         for name, heads in (("query", N), ("key", s.kv_heads), ("value", s.kv_heads)):
             t[f"{L}self_attention/{name}/kernel"] = r.weight((D, heads, H), fan_in=D)
         t[f"{L}self_attention/out/kernel"] = r.weight((N, H, D), fan_in=N * H)
-        t[f"{L}self_attention/q_norm/scale"], t[f"{L}self_attention/k_norm/scale"] = r.scale(H), r.scale(H)
+        if s.qk_norm:
+            t[f"{L}self_attention/q_norm/scale"], t[f"{L}self_attention/k_norm/scale"] = r.scale(H), r.scale(H)
         F = s.ffn(i)
         t[f"{L}mlp/wi_0/kernel"], t[f"{L}mlp/wi_1/kernel"] = r.weight((D, F), fan_in=D), r.weight((D, F), fan_in=D)
         t[f"{L}mlp/wo/kernel"] = r.weight((F, D), fan_in=F)
@@ -331,7 +333,7 @@ def spec_from_maxtext(t: dict, s: Shapes) -> dict:
         layer = {
             "attn_norms": [(t[f"{L}{n}/scale"], None) for n in norms],
             "ffn_norm": (t[f"{L}post_self_attention_layer_norm/scale"], None),
-            "q_norm": t[f"{a}q_norm/scale"], "k_norm": t[f"{a}k_norm/scale"],
+            "q_norm": t.get(f"{a}q_norm/scale"), "k_norm": t.get(f"{a}k_norm/scale"),
             "wo": t[f"{a}out/kernel"].reshape(-1, D).T,
             "w1": t[f"{L}mlp/wi_0/kernel"].T, "w3": t[f"{L}mlp/wi_1/kernel"].T, "w2": t[f"{L}mlp/wo/kernel"].T,
         }

@@ -283,14 +283,15 @@ def test_maxtext_orbax_ocdbt_bf16(tmp_path):
 
 
 @needs_tensorstore
-def test_maxtext_prenorm_postnorm(tmp_path):
-    shapes = with_(MAXTEXT, prenorm=True, postnorm=True)
+def test_maxtext_prenorm_postnorm_without_qk_norm(tmp_path):
+    """The MUDDLlama2Medium setting (configuration/muddllama2-medium-405m.json): prenorm, postnorm, no qk-norm."""
+    shapes = with_(MAXTEXT, prenorm=True, postnorm=True, qk_norm=False)
     tensors = cast(maxtext_tensors(shapes, seed=2))
     write_tensorstore(tmp_path / "items", {name: t.numpy() for name, t in tensors.items()}, ocdbt=False, metadata=True)
     out = tmp_path / "out"
     assert convert("--format", "maxtext", "--input", tmp_path / "items", "--output", out, "--config", json.dumps({"vocab_size": 61, "rms_norm_eps": shapes.eps})) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert saved["dense_prenorm"] and saved["dense_postnorm"]
+    assert saved["dense_prenorm"] and saved["dense_postnorm"] and not saved["use_qk_norm"]
     assert_matches_reference(out, spec_from_maxtext(tensors, shapes), shapes)
 
 
