@@ -7,14 +7,13 @@ newest state); its logits then equal the source model's up to float32 rounding, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .configuration_muddformer import MUDDFormerConfig
-from .configuration_muddpythia import MUDDPythiaConfig
 from .configuration_muddvit import MUDDViTConfig
+from .convert_plans import apply_plan, gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan, llama_config, llama_plan
 from .mudd import MUDDDenseConnections
 from .modeling_muddformer import MUDDFormerForCausalLM
 from .modeling_muddpythia import MUDDPythiaForCausalLM
@@ -46,7 +45,8 @@ def build_from_plain_state(
     for name, tensor in state.items():
         if own[name].shape != tensor.shape:
             raise ValueError(f"{origin}: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
-    missing = sorted(k for k in set(own) - set(state) if ".dense." not in f".{k}")
+    tied = set(model._tied_weights_keys or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(k for k in set(own) - set(state) - tied if ".dense." not in f".{k}")  # tied: tie_weights()
     if missing:
         raise KeyError(f"{origin} left MUDD parameters unfilled: {missing[:5]}")
     model.load_state_dict(state, strict=False)
@@ -69,94 +69,17 @@ def _build_like(model_class: type[nn.Module], config, source: nn.Module, state: 
     return model
 
 
-# Fields that mean the same in transformers' source configs and in ours.
-_SHARED_CONFIG_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-    "max_position_embeddings", "initializer_range", "tie_word_embeddings", "attention_bias", "attention_dropout",
-    "bos_token_id", "eos_token_id", "pad_token_id",
-)
-
-
-def _identity_compatible_config(config_class: type, source_config, **family_fields):
-    """`config_class` with the source's shared fields, RoPE and attention implementation, and the MUDD options a
-    plain model has no weights for switched off (qk-norm, FFN re-allocation); `family_fields` add the rest."""
-    shared = {name: getattr(source_config, name) for name in _SHARED_CONFIG_FIELDS}
-    config = config_class(
-        **shared,
-        rope_parameters=dict(source_config.rope_parameters),
-        use_qk_norm=False,
-        ffn_width_reallocation=False,
-        **family_fields,
-    )
-    config._attn_implementation = source_config._attn_implementation
-    return config
-
-
-def _split_fused_qkv(weight: torch.Tensor, num_heads: int) -> Iterator[torch.Tensor]:
-    """GPT-NeoX's fused `query_key_value` is laid out per head as `[q_h, k_h, v_h]` on the output dim."""
-    per_head = weight.reshape(num_heads, 3, -1, *weight.shape[1:])
-    for index in range(3):
-        yield per_head[:, index].reshape(-1, *weight.shape[1:]).clone()
-
-
 def _muddify_gpt_neox(model: nn.Module) -> MUDDPythiaForCausalLM:
-    source_config = model.config
-    config = _identity_compatible_config(
-        MUDDPythiaConfig,
-        source_config,
-        layer_norm_eps=source_config.layer_norm_eps,
-        use_parallel_residual=source_config.use_parallel_residual,
-        mlp_bias=True,
-        hidden_dropout=source_config.hidden_dropout,
-    )
-    source = model.state_dict()
-    state = {
-        "model.embed_tokens.weight": source["gpt_neox.embed_in.weight"],
-        "model.norm.weight": source["gpt_neox.final_layer_norm.weight"],
-        "model.norm.bias": source["gpt_neox.final_layer_norm.bias"],
-        "lm_head.weight": model.get_output_embeddings().weight,
-    }
-    for i in range(config.num_hidden_layers):
-        src, dst = f"gpt_neox.layers.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            for norm_idx in range(3 if config.uses_separate_stream_norms(i) else 1):
-                state[f"{dst}attention_norms.{norm_idx}.{kind}"] = source[f"{src}input_layernorm.{kind}"]
-            state[f"{dst}mlp_norm.{kind}"] = source[f"{src}post_attention_layernorm.{kind}"]
-            state[f"{dst}mlp.up_proj.{kind}"] = source[f"{src}mlp.dense_h_to_4h.{kind}"]
-            state[f"{dst}mlp.down_proj.{kind}"] = source[f"{src}mlp.dense_4h_to_h.{kind}"]
-            if kind == "bias" and not config.attention_bias:
-                continue
-            fused = source[f"{src}attention.query_key_value.{kind}"]
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), _split_fused_qkv(fused, config.num_attention_heads)):
-                state[f"{dst}self_attn.{name}.{kind}"] = part
-            state[f"{dst}self_attn.o_proj.{kind}"] = source[f"{src}attention.dense.{kind}"]
+    # The checkpoint converter's key plan (`mudd-convert --format gpt-neox`), applied in memory.
+    config = gpt_neox_config(model.config)
+    state = apply_plan(gpt_neox_plan(config), {gpt_neox_canonical_name(k): v for k, v in model.state_dict().items()})
     return _build_like(MUDDPythiaForCausalLM, config, model, state)
 
 
 def _muddify_llama(model: nn.Module) -> MUDDFormerForCausalLM:
-    source_config = model.config
-    config = _identity_compatible_config(
-        MUDDFormerConfig,
-        source_config,
-        num_key_value_heads=source_config.num_key_value_heads,
-        head_dim=source_config.head_dim,
-        rms_norm_eps=source_config.rms_norm_eps,
-        mlp_bias=source_config.mlp_bias,
-    )
-    source = model.state_dict()
-    # Llama's projection names are ours; only the norms are renamed (one pre-attention norm -> one per stream).
-    state = {name: tensor for name, tensor in source.items() if ".self_attn." in name or ".mlp." in name}
-    state.update({
-        "model.embed_tokens.weight": source["model.embed_tokens.weight"],
-        "model.norm.weight": source["model.norm.weight"],
-        "lm_head.weight": model.get_output_embeddings().weight,
-    })
-    for i in range(config.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        for norm_idx in range(3 if config.uses_separate_stream_norms(i) else 1):
-            state[f"{prefix}attention_norms.{norm_idx}.weight"] = source[f"{prefix}input_layernorm.weight"]
-        state[f"{prefix}mlp_norm.weight"] = source[f"{prefix}post_attention_layernorm.weight"]
-    return _build_like(MUDDFormerForCausalLM, config, model, state)
+    # The checkpoint converter's key plan (`mudd-convert --format llama`), applied in memory.
+    config = llama_config(model.config)
+    return _build_like(MUDDFormerForCausalLM, config, model, apply_plan(llama_plan(config), model.state_dict()))
 
 
 # ViTConfig fields that mean the same in MUDDViTConfig (which keeps ViT's names).
