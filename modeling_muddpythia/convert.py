@@ -37,7 +37,7 @@ from .convert_plans import (
 )
 
 
-FORMATS = ("authors-pytorch", "pax", "maxtext", "gpt-neox", "llama")
+FORMATS = ("authors-pytorch", "pax", "maxtext", "gpt-neox", "llama", "vit-npz")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -575,8 +575,32 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _convert_vit_npz(args: argparse.Namespace) -> int:
+    """`--format vit-npz`: Google's JAX ViT `.npz` -> MUDDViT folder (see `convert_vit_npz.py`)."""
+    from .convert_vit_npz import convert_vit_npz
+
+    unsupported = [flag for flag, value in (("--model-type", args.model_type), ("--tokenizer", args.tokenizer),
+                                            ("--verify", args.verify), ("--allow-pickle", args.allow_pickle)) if value]
+    if unsupported:
+        _log(f"error: {', '.join(unsupported)} do not apply to --format vit-npz")
+        return 2
+    try:
+        convert_vit_npz(args.input, args.output, config_overrides=args.config or None, dtype=args.dtype or "float32",
+                        force=args.force, strict=args.strict)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        _log(f"error: {error}")
+        return 1
+    except KeyboardInterrupt:
+        _log(f"interrupted; nothing was written to {args.output}")
+        return 130
+    _log(f"wrote {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.format == "vit-npz":
+        return _convert_vit_npz(args)
     options = Options(
         format=args.format, input=args.input, output=args.output, model_type=args.model_type, config=args.config,
         dtype=DTYPES[args.dtype] if args.dtype else None, max_shard_bytes=args.max_shard_size, tokenizer=args.tokenizer,

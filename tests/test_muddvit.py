@@ -589,3 +589,23 @@ def test_trainer_fine_tuning_on_an_image_dataset(tmp_path, one_thread):
 
     trainer.save_model(str(tmp_path / "model"))
     assert (tmp_path / "model" / "preprocessor_config.json").is_file()
+
+
+def test_mudd_convert_cli_vit_npz_format(tmp_path, capsys):
+    from modeling_muddpythia.convert import main as convert_main
+
+    arrays = synthetic_npz_arrays()
+    npz = write_npz(tmp_path / "vit.npz", arrays)
+    assert convert_main(["--format", "vit-npz", "--input", str(npz), "--output", str(tmp_path / "cli")]) == 0
+    direct = convert_vit_npz(npz, tmp_path / "direct")
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        via_cli = MUDDViTForImageClassification.from_pretrained(tmp_path / "cli")(pixels).logits
+        via_function = MUDDViTForImageClassification.from_pretrained(direct)(pixels).logits
+    assert torch.equal(via_cli, via_function)
+    # bad input through the CLI: a missing array is named, exit code 1, no output folder
+    del arrays["head/kernel"]
+    broken = write_npz(tmp_path / "broken.npz", arrays)
+    assert convert_main(["--format", "vit-npz", "--input", str(broken), "--output", str(tmp_path / "bad")]) == 1
+    assert "head/kernel" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert convert_main(["--format", "vit-npz", "--input", str(npz), "--output", str(tmp_path / "x"), "--verify"]) == 2
