@@ -369,17 +369,7 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
             MUDDDecoderLayer(config, i, self.norm_class, self.mlp_class(config, config.ffn_width(i)))
             for i in range(config.num_hidden_layers)
         )
-        self.dense = MUDDDenseConnections(
-            config.hidden_size,
-            config.num_hidden_layers,
-            streams=config.dense_streams,
-            dynamic=config.dynamic_dense,
-            expand_last=config.dense_expand_last,
-            round64=config.dense_round64,
-            eps=config.norm_eps,
-            prenorm=config.dense_prenorm,
-            postnorm=config.dense_postnorm,
-        )
+        self.dense = MUDDDenseConnections.from_config(config, eps=config.norm_eps)
         self.norm = self.norm_class(config.hidden_size, eps=config.norm_eps)
         self.rotary_emb = MUDDRotaryEmbedding(config)
         self.gradient_checkpointing = False

@@ -184,15 +184,7 @@ class MUDDViTEncoder(nn.Module):
             MUDDDecoderLayer(config, i, nn.LayerNorm, MUDDViTMLP(config), attention=MUDDViTAttention(config, i))
             for i in range(config.num_hidden_layers)
         )
-        self.dense = MUDDDenseConnections(
-            config.hidden_size,
-            config.num_hidden_layers,
-            streams=config.dense_streams,
-            dynamic=config.dynamic_dense,
-            expand_last=config.dense_expand_last,
-            round64=config.dense_round64,
-            eps=config.dense_norm_eps,
-        )
+        self.dense = MUDDDenseConnections.from_config(config, eps=config.dense_norm_eps)
 
     def forward(
         self,

@@ -294,6 +294,21 @@ class MUDDDenseConnections(nn.Module):
             nn.ModuleList(MUDDRMSNorm(hidden_size, eps) for _ in range(num_layers + 1)) if prenorm else None
         )
 
+    @classmethod
+    def from_config(cls, config, eps: float) -> "MUDDDenseConnections":
+        """Build from a MUDD family config's `dense_*` fields (`dense_prenorm`/`dense_postnorm` where it has them)."""
+        return cls(
+            config.hidden_size,
+            config.num_hidden_layers,
+            streams=config.dense_streams,
+            dynamic=config.dynamic_dense,
+            expand_last=config.dense_expand_last,
+            round64=config.dense_round64,
+            eps=eps,
+            prenorm=getattr(config, "dense_prenorm", False),
+            postnorm=getattr(config, "dense_postnorm", False),
+        )
+
     def _as_state(self, depth: int, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states if self.state_norms is None else self.state_norms[depth](hidden_states)
 

@@ -492,7 +492,7 @@ def test_bad_config_options_are_explained(authors_folder, tmp_path, capsys):
 def test_command_line_entry_points(tmp_path):
     command = [sys.executable, str(REPO / "conversion_scripts" / "convert_to_hf.py"), "--help"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0 and "--format {authors-pytorch,pax,maxtext,gpt-neox,llama}" in result.stdout
+    assert result.returncode == 0 and "{authors-pytorch,pax,maxtext,gpt-neox,llama,vit-npz}" in result.stdout
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
     assert "mudd-convert = modeling_muddpythia.convert:main" in setup["options.entry_points"]["console_scripts"]
