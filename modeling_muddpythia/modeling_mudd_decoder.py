@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.utils import is_torchdynamo_compiling, logging
 
 from .mudd import MUDDDenseConnections, MUDDRMSNorm, init_dense_connection_
 
@@ -320,6 +320,23 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
+    def _check_input_length(self, past_key_values: Cache | None, past_seen_tokens, new_tokens: int) -> None:
+        """Raise when the cached plus the new tokens exceed `max_position_embeddings`.
+
+        Static caches count their length in a device tensor: reading it would sync with the device at every step and
+        break `torch.compile(fullgraph=True)`, so their fixed capacity is checked instead when it is within the limit.
+        """
+        limit = self.config.max_position_embeddings
+        if isinstance(past_seen_tokens, torch.Tensor):
+            if 0 <= past_key_values.get_max_length() <= limit or is_torchdynamo_compiling():
+                return
+            past_seen_tokens = int(past_seen_tokens)
+        if past_seen_tokens + new_tokens > limit:
+            raise ValueError(
+                f"Input of {past_seen_tokens + new_tokens} tokens (cache {past_seen_tokens} + new {new_tokens}) is "
+                f"longer than `max_position_embeddings` ({limit})"
+            )
+
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
@@ -371,12 +388,7 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-        total_length = past_seen_tokens + inputs_embeds.shape[1]
-        if total_length > config.max_position_embeddings:
-            raise ValueError(
-                f"Input of {total_length} tokens (cache {past_seen_tokens} + new {inputs_embeds.shape[1]}) is longer "
-                f"than `max_position_embeddings` ({config.max_position_embeddings})"
-            )
+        self._check_input_length(past_key_values, past_seen_tokens, inputs_embeds.shape[1])
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
