@@ -69,6 +69,12 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# `cpu` (this process's CPU time, CPU runs only) is far less sensitive than wall time to other jobs competing for a
+# shared machine's cores; use it with `--threads 1`, where no time is spent waiting for other threads.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 class _StepClock(LogitsProcessor):
     """Records the time at which each decoding step's logits are ready (called once per generated token)."""
 
@@ -78,7 +84,7 @@ class _StepClock(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         _sync(self.device)
-        self.times.append(time.perf_counter())
+        self.times.append(clock())
         return scores
 
 
@@ -118,10 +124,10 @@ def _start_train_step(model) -> None:
 
 def time_once(run: Callable[[], object], device: torch.device) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     run()
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> float:
@@ -195,7 +201,7 @@ def compiled_decode_tokens_per_second(
             raise GraphBreakError(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}") from error
         start_position = prompt_len + warmup_steps
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
                 for position in range(start_position, start_position + new_tokens):
@@ -203,7 +209,7 @@ def compiled_decode_tokens_per_second(
         except Exception as error:
             raise GraphBreakError(f"recompiled during decoding: {str(error).strip().splitlines()[0]}") from error
         _sync(device)
-    return batch_size * new_tokens / (time.perf_counter() - start)
+    return batch_size * new_tokens / (clock() - start)
 
 
 # --------------------------------------------------------------------------- interleaved comparison
@@ -237,6 +243,7 @@ def summarize(samples: dict[str, list[float]], higher_is_better: bool) -> dict:
     pair_ratios = [m / p for m, p in zip(samples["mudd"], samples["plain"])]
     result["ratio"] = result["mudd"]["median"] / result["plain"]["median"]
     result["ratio_spread"] = [min(pair_ratios), max(pair_ratios)]
+    result["pair_ratio_median"] = statistics.median(pair_ratios)
     result["higher_is_better"] = higher_is_better
     return result
 
@@ -331,7 +338,8 @@ def _print_metric(metric: str, result: dict, device_type: str) -> None:
     low, high = result["ratio_spread"]
     print(
         f"  {metric:<16} plain {result['plain']['median']:10.4g} {unit:<8} MUDD {result['mudd']['median']:10.4g} "
-        f"{unit:<8} ratio {result['ratio']:.3f} (per-repeat {low:.3f}..{high:.3f})  "
+        f"{unit:<8} ratio {result['ratio']:.3f} (per-repeat median {result['pair_ratio_median']:.3f}, "
+        f"range {low:.3f}..{high:.3f})  "
         f"{_target_status(metric, result['ratio'], device_type)}",
         flush=True,
     )
@@ -419,6 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for --compile-decode (default: reduce-overhead on CUDA, default on CPU)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
+    parser.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (CPU device only; steadier on a shared machine)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"), help="folder for results.json/.png")
     args = parser.parse_args(argv)
     for name in ("batch_size", "repeats", "new_tokens"):
@@ -433,6 +443,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(args.sizes) - known)
         if unknown:
             parser.error(f"unknown size(s) {unknown} for families {args.families}")
+    if args.timer == "cpu" and not args.device.startswith("cpu"):
+        parser.error("--timer cpu measures CPU runs only")
     if args.compile_mode is None:
         args.compile_mode = "reduce-overhead" if args.device.startswith("cuda") else "default"
     return args
@@ -444,10 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.timer]
     transformers.logging.set_verbosity_error()
     results = {
         "machine": machine_description(device), "device": device.type, "dtype": args.dtype,
-        "command": " ".join(sys.argv), "targets": TARGETS.get(device.type, {}), "cases": [], "skipped": [],
+        "command": " ".join(sys.argv), "timer": args.timer, "targets": TARGETS.get(device.type, {}), "cases": [], "skipped": [],
     }
     print(f"machine: {json.dumps(results['machine'])}")
     for family_name in args.families:

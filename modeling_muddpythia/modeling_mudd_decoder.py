@@ -46,7 +46,9 @@ class MUDDCausalLMOutputWithPast(CausalLMOutputWithPast):
 class MUDDRotaryEmbedding(nn.Module):
     """Rotary cos/sin for the first `rotary_ndims` dims of each head (GPT-NeoX "rotate half" layout).
 
-    Returns `(cos, sin)`, each `[batch, seq, rotary_ndims]` in the dtype of `x`.
+    Returns `(cos, signed_sin)`, each `[batch, 1, seq, rotary_ndims]` (broadcasting over heads) in the dtype of `x`;
+    the first half of `signed_sin` is negated so that a rotation is `x * cos + roll(x, half) * signed_sin`
+    (see `apply_partial_rotary`). Computed once per forward, which keeps these ops out of every layer.
     """
 
     def __init__(self, config):
@@ -72,25 +74,24 @@ class MUDDRotaryEmbedding(nn.Module):
     @torch.no_grad()
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        cos = freqs.cos() * self.attention_scaling
+        sin = freqs.sin() * self.attention_scaling
+        return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((-sin, sin), dim=-1).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of `x` (`[batch, heads, seq, head_dim]`), pass the rest through.
 
-
-def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dims of `x` (`[batch, heads, seq, head_dim]`), pass the rest through."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    With `signed_sin` from `MUDDRotaryEmbedding`, `roll(x, half) * signed_sin` equals the usual
+    `rotate_half(x) * sin = cat(-x2, x1) * sin` exactly, in three kernels instead of six.
+    """
     rotary_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    x_rot = x_rot * cos + rotate_half(x_rot) * sin
-    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+    if rotary_dim == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(rotary_dim // 2, -1), signed_sin)
+    x_rot = x[..., :rotary_dim]
+    x_rot = torch.addcmul(x_rot * cos, x_rot.roll(rotary_dim // 2, -1), signed_sin)
+    return torch.cat((x_rot, x[..., rotary_dim:]), dim=-1)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:

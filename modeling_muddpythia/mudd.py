@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 STREAM_NAMES = {"qkvr": ("query", "key", "value", "residual"), "r": ("residual",)}
@@ -58,10 +59,9 @@ class MUDDRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = (hidden_states * torch.rsqrt(variance + self.eps)).to(input_dtype)
+        # `rms_norm` normalises in float32 (float64 stays float64) and returns the input dtype; on GPUs it is one
+        # fused kernel. The scale multiplies the rounded result, as in the released models.
+        hidden_states = F.rms_norm(hidden_states, hidden_states.shape[-1:], eps=self.eps)
         if self.weight is None:
             return hidden_states
         return self.weight * hidden_states
@@ -84,13 +84,17 @@ class DenseStateStack:
             batch_size, seq_length, capacity, hidden_size, device=device or first_state.device
         )
         self.states: list[torch.Tensor] = []
+        self.requires_grad = False  # whether any state does: then aggregations must route gradients to them
         self.append(first_state)
 
     def append(self, state: torch.Tensor) -> None:
-        if len(self.states) >= self.buffer.shape[2]:
+        index = len(self.states)
+        if index >= self.buffer.shape[2]:
             raise RuntimeError(f"DenseStateStack holds at most {self.buffer.shape[2]} states")
-        self.buffer[:, :, len(self.states)] = state.detach()
+        state = state.to(self.buffer.device)
+        self.buffer.select(2, index).copy_(state.detach())
         self.states.append(state)
+        self.requires_grad = self.requires_grad or state.requires_grad
 
     def __len__(self) -> int:
         return len(self.states)
@@ -126,12 +130,11 @@ def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> torch.Ten
     num_states = len(stack)
     if weights.shape[-1] != num_states:
         raise ValueError(f"dense weights cover {weights.shape[-1]} states but {num_states} were produced")
-    weights = weights.to(stack.buffer.dtype)
-    needs_grad = torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in stack.states))
-    if not needs_grad:
-        return torch.matmul(weights, stack.buffer[:, :, :num_states])
-    states = [s.to(stack.buffer.device) for s in stack.states]
-    return _DepthAggregate.apply(weights, stack.buffer, *states)
+    if weights.dtype != stack.buffer.dtype:
+        weights = weights.to(stack.buffer.dtype)
+    if torch.is_grad_enabled() and (weights.requires_grad or stack.requires_grad):
+        return _DepthAggregate.apply(weights, stack.buffer, *stack.states)
+    return torch.matmul(weights, stack.buffer[:, :, :num_states])
 
 
 class DepthAggregator(nn.Module):
@@ -195,11 +198,10 @@ class DepthAggregator(nn.Module):
         Returns the `C` streams for the next block (each `[batch, seq, hidden]`) and the weights `[batch, seq, C, i+2]`.
         """
         weights = self.compute_weights(layer_output)
-        mixed = aggregate_states(weights, stack)
-        streams = list(mixed.unbind(2))
+        streams = aggregate_states(weights, stack).unbind(2)
         if self.post_norm is not None:
-            streams[-1] = layer_output + self.post_norm(streams[-1]).to(layer_output.dtype)
-        return tuple(streams), weights
+            streams = (*streams[:-1], layer_output + self.post_norm(streams[-1]).to(layer_output.dtype))
+        return streams, weights
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, num_streams={self.num_streams}, num_states={self.num_states}"
