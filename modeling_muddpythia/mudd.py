@@ -71,11 +71,13 @@ class MUDDRMSNorm(nn.Module):
 
 
 class DenseStateStack:
-    """The states `X_0 .. X_j` seen so far in one forward pass.
+    """The states `X_0 .. X_j` seen so far in one forward pass, and their gradients from the aggregations.
 
-    They are kept twice without copying more than once: `buffer` (`[batch, seq, capacity, hidden]`, written once
-    per state) lets every aggregation read all earlier states with one batched matmul instead of re-stacking
-    them at each layer; `states` keeps the autograd-tracked tensors so that gradients reach each block.
+    `buffer` (`[batch, seq, capacity, hidden]`) holds each state once, written when it arrives, so that every
+    aggregation reads all earlier states with one batched matmul instead of re-stacking them at each layer.
+    `states` keeps the autograd-tracked tensors: each passes through `_StateGradient`, which in backward hands its
+    state the gradient that every aggregation has added into one shared accumulator of the buffer's shape, instead
+    of each aggregation producing `J` separate gradients that autograd then sums state by state.
     """
 
     def __init__(self, first_state: torch.Tensor, capacity: int, device: torch.device | None = None):
@@ -85,55 +87,114 @@ class DenseStateStack:
         )
         self.states: list[torch.Tensor] = []
         self.requires_grad = False  # whether any state does: then aggregations must route gradients to them
+        self._gradient: torch.Tensor | None = None
+        self._gradient_pass: int | None = None
         self.append(first_state)
 
     def append(self, state: torch.Tensor) -> None:
         index = len(self.states)
         if index >= self.buffer.shape[2]:
             raise RuntimeError(f"DenseStateStack holds at most {self.buffer.shape[2]} states")
-        state = state.to(self.buffer.device)
+        if state.device != self.buffer.device:
+            state = state.to(self.buffer.device)
         self.buffer.select(2, index).copy_(state.detach())
+        if state.requires_grad and torch.is_grad_enabled():
+            state = _StateGradient.apply(state, self, index)
+            self.requires_grad = True
         self.states.append(state)
-        self.requires_grad = self.requires_grad or state.requires_grad
 
     def __len__(self) -> int:
         return len(self.states)
+
+    def gradient_accumulator(self, num_states: int) -> torch.Tensor:
+        """Slots `0 .. num_states - 1` of the gradient accumulator of the running backward pass, `[b, t, J, d]`.
+
+        The accumulator is zeroed at its first use in each backward pass (autograd numbers its passes), so
+        repeated or partial passes over a retained graph never see each other's sums.
+        """
+        backward_pass = torch._C._current_graph_task_id()
+        if self._gradient_pass != backward_pass:
+            self._gradient = torch.zeros_like(self.buffer)
+            self._gradient_pass = backward_pass
+        return self._gradient[:, :, :num_states]
+
+    def accumulated_gradient(self, index: int) -> torch.Tensor | None:
+        """What the aggregations of the running backward pass added for state `index` (None if none ran)."""
+        if self._gradient_pass != torch._C._current_graph_task_id():
+            return None
+        return self._gradient[:, :, index]
+
+
+class _StateGradient(torch.autograd.Function):
+    """Identity on a state; in backward, adds what the aggregations accumulated for it in its stack.
+
+    Autograd runs this node only after every aggregation that took the state as an input, so the sum is complete.
+    """
+
+    @staticmethod
+    def forward(ctx, state: torch.Tensor, stack: DenseStateStack, index: int) -> torch.Tensor:
+        ctx.stack, ctx.index = stack, index
+        ctx.set_materialize_grads(False)  # the aggregations return no gradient of their own for it
+        return state.view_as(state)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        accumulated = ctx.stack.accumulated_gradient(ctx.index)
+        if accumulated is None or grad is None:
+            return (grad if accumulated is None else accumulated), None, None
+        return grad + accumulated, None, None
 
 
 class _DepthAggregate(torch.autograd.Function):
     """`out[b, t, c] = sum_j weights[b, t, c, j] * buffer[b, t, j]` with gradients routed to each state.
 
-    The states are read from the shared buffer in forward and backward, so nothing of size `[.., J, hidden]`
-    is saved per layer (a naive stack + einsum keeps O(L^2) activations alive for backward).
+    The states are read from the stack's buffer in forward and backward, so nothing of size `[.., J, hidden]` is
+    saved per layer (a naive stack + einsum keeps O(L^2) activations alive for backward), and their gradients go
+    into the stack's accumulator with one in-place batched matmul. The states are inputs only so that autograd
+    orders each state's `_StateGradient` after all of its aggregations.
     """
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, buffer: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weights: torch.Tensor, stack: DenseStateStack, *states: torch.Tensor) -> torch.Tensor:
         num_states = len(states)
         ctx.save_for_backward(weights)
         # Later layers only write to slots >= num_states, so this prefix is unchanged at backward time.
-        ctx.buffer = buffer
-        ctx.num_states = num_states
-        return torch.matmul(weights, buffer[:, :, :num_states])
+        ctx.stack = stack
+        return torch.matmul(weights, stack.buffer[:, :, :num_states])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (weights,) = ctx.saved_tensors
-        history = ctx.buffer[:, :, : ctx.num_states]
+        batch_size, seq_length, num_streams, num_states = weights.shape
+        history = ctx.stack.buffer[:, :, :num_states]
         grad_weights = torch.matmul(grad_output, history.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
-        grad_history = torch.matmul(weights.transpose(-1, -2), grad_output)
-        return (grad_weights, None, *grad_history.unbind(2))
+        if any(ctx.needs_input_grad[2:]):
+            # accumulator[b, t, j] += sum_c weights[b, t, c, j] * grad_output[b, t, c], as one batched matmul
+            accumulator = ctx.stack.gradient_accumulator(num_states).view(-1, num_states, history.shape[-1])
+            accumulator.baddbmm_(
+                weights.transpose(-1, -2).reshape(-1, num_states, num_streams),
+                grad_output.reshape(-1, num_streams, history.shape[-1]),
+            )
+        return (grad_weights, None, *([None] * num_states))
 
 
 def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> torch.Tensor:
-    """Mix the states of `stack`: `weights` `[batch, seq, C, J]` -> streams `[batch, seq, C, hidden]`."""
+    """Mix the states of `stack`: `weights` `[batch, seq, C, J]` -> streams `[batch, seq, C, hidden]`.
+
+    Runs in the states' dtype even under autocast: it reads every earlier state, and casting them would cost more
+    than the matmul itself.
+    """
     num_states = len(stack)
     if weights.shape[-1] != num_states:
         raise ValueError(f"dense weights cover {weights.shape[-1]} states but {num_states} were produced")
     if weights.dtype != stack.buffer.dtype:
         weights = weights.to(stack.buffer.dtype)
+    device_type = stack.buffer.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return aggregate_states(weights, stack)
     if torch.is_grad_enabled() and (weights.requires_grad or stack.requires_grad):
-        return _DepthAggregate.apply(weights, stack.buffer, *stack.states)
+        return _DepthAggregate.apply(weights, stack, *stack.states)
     return torch.matmul(weights, stack.buffer[:, :, :num_states])
 
 
