@@ -22,6 +22,7 @@ the spread is the range of the per-repeat ratios. Writes `results.json` and `res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -61,6 +62,20 @@ METRICS = {  # name -> (unit, higher is better)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's C++ backend logs its start and stop straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _release(device: torch.device) -> None:
@@ -158,7 +173,9 @@ def peak_training_memory(model, run: Callable[[], None], device: torch.device) -
         run()
         _sync(device)
         return resident + torch.cuda.max_memory_allocated(device) - before
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         run()
     events = sorted(
         (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
@@ -383,7 +400,9 @@ def plot(results: dict, path: Path) -> bool:
         ratios = [case["metrics"][metric]["ratio"] for case in cases]
         spreads = [case["metrics"][metric]["ratio_spread"] for case in cases]
         errors = [[r - s[0] for r, s in zip(ratios, spreads)], [s[1] - r for r, s in zip(ratios, spreads)]]
-        axis.bar(range(len(cases)), ratios, yerr=errors, capsize=4, color="tab:blue")
+        axis.errorbar(range(len(cases)), ratios, yerr=errors, fmt="o", capsize=4, color="tab:blue")
+        for x, ratio in enumerate(ratios):
+            axis.annotate(f"{ratio:.3f}", (x, ratio), textcoords="offset points", xytext=(8, 0), fontsize=7)
         axis.axhline(1.0, color="black", linewidth=0.8)
         target = TARGETS.get(results["device"], {}).get(metric)
         if target is not None:
@@ -392,6 +411,7 @@ def plot(results: dict, path: Path) -> bool:
         better = "higher is better" if METRICS[metric][1] else "lower is better"
         axis.set_title(f"{metric} (MUDD / plain, {better})", fontsize=9)
         axis.set_xticks(range(len(cases)), labels, fontsize=7)
+        axis.set_xlim(-0.6, len(cases) - 0.4)
         low = min(min(s[0] for s in spreads), target[1] if target else 1.0, 1.0)
         high = max(max(s[1] for s in spreads), target[1] if target else 1.0, 1.0)
         axis.set_ylim(low - 0.1 * (high - low + 0.05), high + 0.1 * (high - low + 0.05))

@@ -66,6 +66,12 @@ class MUDDRMSNorm(nn.Module):
             return hidden_states
         return self.weight * hidden_states
 
+    def inverse_rms(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`1 / sqrt(mean(x^2) + eps)` of each row, `[..., 1]`, in (at least) float32."""
+        norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True)  # accumulates in float32 or better
+        norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
+        return torch.rsqrt(norm.square() / hidden_states.shape[-1] + self.eps)
+
     def extra_repr(self) -> str:
         return f"eps={self.eps}, elementwise_affine={self.weight is not None}"
 
@@ -248,7 +254,12 @@ class DepthAggregator(nn.Module):
         """`[batch, seq, hidden]` -> mixing weights `[batch, seq, C, i + 2]` (stream-major, as in the checkpoints)."""
         if self.proj_in is None:
             return self.static_weights.expand(*layer_output.shape[:-1], -1, -1)
-        dynamic = self.proj_out(self.act(self.proj_in(self.weight_norm(layer_output))))
+        # W1 . rmsnorm(x) = (W1 . x) / rms(x): the norm becomes one factor per position on the narrow hidden layer,
+        # so x is read once instead of being normalised into a copy (which autograd would also keep for backward).
+        scale = self.weight_norm.weight
+        hidden = self.proj_in(layer_output if scale is None else layer_output * scale)
+        hidden = hidden * self.weight_norm.inverse_rms(layer_output).to(hidden.dtype)
+        dynamic = self.proj_out(self.act(hidden))
         return dynamic.unflatten(-1, (self.num_streams, self.num_states)) + self.static_weights
 
     def forward(self, layer_output: torch.Tensor, stack: DenseStateStack) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
