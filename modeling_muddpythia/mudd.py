@@ -254,11 +254,14 @@ class DepthAggregator(nn.Module):
         """`[batch, seq, hidden]` -> mixing weights `[batch, seq, C, i + 2]` (stream-major, as in the checkpoints)."""
         if self.proj_in is None:
             return self.static_weights.expand(*layer_output.shape[:-1], -1, -1)
-        # W1 . rmsnorm(x) = (W1 . x) / rms(x): the norm becomes one factor per position on the narrow hidden layer,
-        # so x is read once instead of being normalised into a copy (which autograd would also keep for backward).
-        scale = self.weight_norm.weight
-        hidden = self.proj_in(layer_output if scale is None else layer_output * scale)
-        hidden = hidden * self.weight_norm.inverse_rms(layer_output).to(hidden.dtype)
+        if torch.is_grad_enabled() and layer_output.requires_grad:
+            # W1 . rmsnorm(x) = (W1 . x) / rms(x): the norm becomes one factor per position on the narrow hidden
+            # layer, so autograd keeps x (alive anyway) for backward instead of a normalised copy of it.
+            scale = self.weight_norm.weight
+            hidden = self.proj_in(layer_output if scale is None else layer_output * scale)
+            hidden = hidden * self.weight_norm.inverse_rms(layer_output).to(hidden.dtype)
+        else:  # inference: the norm is one fused kernel on GPUs, which matters when decoding is launch-bound
+            hidden = self.proj_in(self.weight_norm(layer_output))
         dynamic = self.proj_out(self.act(hidden))
         return dynamic.unflatten(-1, (self.num_streams, self.num_states)) + self.static_weights
 

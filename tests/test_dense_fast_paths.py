@@ -137,3 +137,23 @@ def test_static_cache_decode_step_compiles_in_one_graph():
             out = step(input_ids=ids[:, position : position + 1], position_ids=positions, past_key_values=cache, use_cache=True)
             steps.append(out.logits)
     assert (torch.cat(steps, 1) - full[:, 6:]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_weight_generator_training_and_inference_paths_agree(prenorm):
+    from modeling_muddpythia.mudd import DepthAggregator
+
+    torch.manual_seed(0)
+    aggregator = DepthAggregator(16, layer_idx=2, num_layers=5, eps=1e-5, prenorm=prenorm).double()
+    with torch.no_grad():
+        for param in aggregator.parameters():
+            param.normal_()
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    trained = aggregator.compute_weights(x)  # records gradients: the folded norm
+    with torch.no_grad():
+        inferred = aggregator.compute_weights(x)  # the normalised input
+    scale = aggregator.weight_norm.weight if prenorm else 1.0
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * scale
+    hidden = torch.nn.functional.gelu(normed @ aggregator.proj_in.weight.T)
+    expected = (hidden @ aggregator.proj_out.weight.T).view(2, 3, 4, 4) + aggregator.static_weights
+    assert torch.allclose(trained, expected) and torch.allclose(inferred, expected)
