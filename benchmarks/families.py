@@ -49,16 +49,20 @@ class Family:
         return getattr(transformers, self.plain_config_class)(**values)
 
 
-_DECODER_SHAPES = {
-    # width, depth, heads, FFN width of the Pythia suite (the Llama family gets a SwiGLU width of ~2/3 of it)
-    "tiny": (64, 4, 4, 256),
-    "70m": (512, 6, 8, 2048),
-    "160m": (768, 12, 12, 3072),
-    "410m": (1024, 24, 16, 4096),
-    "1.4b": (2048, 24, 16, 8192),
-    "2.8b": (2560, 32, 32, 10240),
+_DECODER_SHAPES = {  # width, depth, heads of the Pythia suite
+    "tiny": (64, 4, 4), "70m": (512, 6, 8), "160m": (768, 12, 12), "410m": (1024, 24, 16), "1.4b": (2048, 24, 16),
+    "2.8b": (2560, 32, 32),
 }
-_SWIGLU_WIDTHS = {"tiny": 192, "70m": 1408, "160m": 2048, "410m": 2816, "1.4b": 5632, "2.8b": 6912}
+_GELU_FFN_WIDTHS = {"tiny": 256, "70m": 2048, "160m": 3072, "410m": 4096, "1.4b": 8192, "2.8b": 10240}
+_SWIGLU_FFN_WIDTHS = {"tiny": 192, "70m": 1408, "160m": 2048, "410m": 2816, "1.4b": 5632, "2.8b": 6912}  # ~2/3
+
+
+def _decoder_sizes(ffn_widths: dict[str, int]) -> dict[str, dict]:
+    return {
+        name: dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=ffn_widths[name])
+        for name, (width, depth, heads) in _DECODER_SHAPES.items()
+    }
+
 
 FAMILIES: dict[str, Family] = {
     "pythia": Family(
@@ -67,10 +71,7 @@ FAMILIES: dict[str, Family] = {
         plain_config_class="GPTNeoXConfig",
         mudd_class="MUDDPythiaForCausalLM",
         kind="causal-lm",
-        sizes={
-            name: dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=ffn)
-            for name, (width, depth, heads, ffn) in _DECODER_SHAPES.items()
-        },
+        sizes=_decoder_sizes(_GELU_FFN_WIDTHS),
         default_sizes=("160m",),
         common=dict(vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True),
     ),
@@ -80,13 +81,7 @@ FAMILIES: dict[str, Family] = {
         plain_config_class="LlamaConfig",
         mudd_class="MUDDFormerForCausalLM",
         kind="causal-lm",
-        sizes={
-            name: dict(
-                hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-                intermediate_size=_SWIGLU_WIDTHS[name],
-            )
-            for name, (width, depth, heads, _) in _DECODER_SHAPES.items()
-        },
+        sizes=_decoder_sizes(_SWIGLU_FFN_WIDTHS),
         default_sizes=("160m",),
         common=dict(vocab_size=50432, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False),
     ),
