@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.utils import is_torchdynamo_compiling, logging
 
 from .mudd import MUDDDenseConnections, MUDDRMSNorm, init_dense_connection_
 
@@ -46,7 +46,9 @@ class MUDDCausalLMOutputWithPast(CausalLMOutputWithPast):
 class MUDDRotaryEmbedding(nn.Module):
     """Rotary cos/sin for the first `rotary_ndims` dims of each head (GPT-NeoX "rotate half" layout).
 
-    Returns `(cos, sin)`, each `[batch, seq, rotary_ndims]` in the dtype of `x`.
+    Returns `(cos, signed_sin)`, each `[batch, 1, seq, rotary_ndims]` (broadcasting over heads) in the dtype of `x`;
+    the first half of `signed_sin` is negated so that a rotation is `x * cos + roll(x, half) * signed_sin`
+    (see `apply_partial_rotary`). Computed once per forward, which keeps these ops out of every layer.
     """
 
     def __init__(self, config):
@@ -72,25 +74,24 @@ class MUDDRotaryEmbedding(nn.Module):
     @torch.no_grad()
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        cos = freqs.cos() * self.attention_scaling
+        sin = freqs.sin() * self.attention_scaling
+        return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((-sin, sin), dim=-1).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of `x` (`[batch, heads, seq, head_dim]`), pass the rest through.
 
-
-def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dims of `x` (`[batch, heads, seq, head_dim]`), pass the rest through."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    With `signed_sin` from `MUDDRotaryEmbedding`, `roll(x, half) * signed_sin` equals the usual
+    `rotate_half(x) * sin = cat(-x2, x1) * sin` exactly, in three kernels instead of six.
+    """
     rotary_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    x_rot = x_rot * cos + rotate_half(x_rot) * sin
-    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+    if rotary_dim == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(rotary_dim // 2, -1), signed_sin)
+    x_rot = x[..., :rotary_dim]
+    x_rot = torch.addcmul(x_rot * cos, x_rot.roll(rotary_dim // 2, -1), signed_sin)
+    return torch.cat((x_rot, x[..., rotary_dim:]), dim=-1)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -378,6 +379,23 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
+    def _check_input_length(self, past_key_values: Cache | None, past_seen_tokens, new_tokens: int) -> None:
+        """Raise when the cached plus the new tokens exceed `max_position_embeddings`.
+
+        Static caches count their length in a device tensor: reading it would sync with the device at every step and
+        break `torch.compile(fullgraph=True)`, so their fixed capacity is checked instead when it is within the limit.
+        """
+        limit = self.config.max_position_embeddings
+        if isinstance(past_seen_tokens, torch.Tensor):
+            if 0 <= past_key_values.get_max_length() <= limit or is_torchdynamo_compiling():
+                return
+            past_seen_tokens = int(past_seen_tokens)
+        if past_seen_tokens + new_tokens > limit:
+            raise ValueError(
+                f"Input of {past_seen_tokens + new_tokens} tokens (cache {past_seen_tokens} + new {new_tokens}) is "
+                f"longer than `max_position_embeddings` ({limit})"
+            )
+
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
@@ -429,14 +447,7 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-        total_length = past_seen_tokens + inputs_embeds.shape[1]
-        # A StaticCache counts its length in a tensor (bounded by its own size): comparing it here would sync the
-        # device and break `torch.compile` graphs, so only plain integer lengths are checked.
-        if isinstance(total_length, int) and total_length > config.max_position_embeddings:
-            raise ValueError(
-                f"Input of {total_length} tokens (cache {past_seen_tokens} + new {inputs_embeds.shape[1]}) is longer "
-                f"than `max_position_embeddings` ({config.max_position_embeddings})"
-            )
+        self._check_input_length(past_key_values, past_seen_tokens, inputs_embeds.shape[1])
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)

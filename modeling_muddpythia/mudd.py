@@ -62,8 +62,18 @@ class MUDDRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # One fused kernel on CUDA; reduced-precision inputs are normalised in float32 internally.
-        return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
+        # `rms_norm` normalises in float32 (float64 stays float64) and returns the input dtype; on GPUs it is one
+        # fused kernel. The scale multiplies the rounded result, as in the released models.
+        hidden_states = F.rms_norm(hidden_states, hidden_states.shape[-1:], eps=self.eps)
+        if self.weight is None:
+            return hidden_states
+        return self.weight * hidden_states
+
+    def inverse_rms(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`1 / sqrt(mean(x^2) + eps)` of each row, `[..., 1]`, in (at least) float32."""
+        norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True)  # accumulates in float32 or better
+        norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
+        return torch.rsqrt(norm.square() / hidden_states.shape[-1] + self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, elementwise_affine={self.weight is not None}"
@@ -106,9 +116,12 @@ class DenseStateStack:
         return self.storage.buffer
 
     def append(self, state: torch.Tensor) -> None:
-        if len(self.states) >= self.buffer.shape[2]:
+        index = len(self.states)
+        if index >= self.buffer.shape[2]:
             raise RuntimeError(f"DenseStateStack holds at most {self.buffer.shape[2]} states")
-        self.buffer[:, :, len(self.states)] = state.detach()
+        if state.device != self.buffer.device:
+            state = state.to(self.buffer.device)
+        self.buffer.select(2, index).copy_(state.detach())
         self.states.append(state)
 
     def __len__(self) -> int:
@@ -239,7 +252,15 @@ class DepthAggregator(nn.Module):
         """`[batch, seq, hidden]` -> mixing weights `[batch, seq, C, i + 2]` (stream-major, as in the checkpoints)."""
         if self.proj_in is None:
             return self.static_weights.expand(*layer_output.shape[:-1], -1, -1)
-        dynamic = self.proj_out(self.act(self.proj_in(self.weight_norm(layer_output))))
+        if torch.is_grad_enabled() and layer_output.requires_grad:
+            # W1 . rmsnorm(x) = (W1 . x) / rms(x): the norm becomes one factor per position on the narrow hidden
+            # layer, so autograd keeps x (alive anyway) for backward instead of a normalised copy of it.
+            scale = self.weight_norm.weight
+            hidden = self.proj_in(layer_output if scale is None else layer_output * scale)
+            hidden = hidden * self.weight_norm.inverse_rms(layer_output).to(hidden.dtype)
+        else:  # inference: the norm is one fused kernel on GPUs, which matters when decoding is launch-bound
+            hidden = self.proj_in(self.weight_norm(layer_output))
+        dynamic = self.proj_out(self.act(hidden))
         return dynamic.unflatten(-1, (self.num_streams, self.num_states)) + self.static_weights
 
     def forward(self, layer_output: torch.Tensor, stack: DenseStateStack) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -250,10 +271,10 @@ class DepthAggregator(nn.Module):
         Returns the `C` streams for the next block (each `[batch, seq, hidden]`) and the weights `[batch, seq, C, i+2]`.
         """
         weights = self.compute_weights(layer_output)
-        streams = list(aggregate_states(weights, stack))
+        streams = aggregate_states(weights, stack)
         if self.post_norm is not None:
-            streams[-1] = layer_output + self.post_norm(streams[-1]).to(layer_output.dtype)
-        return tuple(streams), weights
+            streams = (*streams[:-1], layer_output + self.post_norm(streams[-1]).to(layer_output.dtype))
+        return streams, weights
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, num_streams={self.num_streams}, num_states={self.num_states}"

@@ -1,0 +1,57 @@
+"""The benchmark command end to end on a tiny size, and its bookkeeping (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import run
+
+
+def test_benchmark_command_runs_on_a_tiny_size(tmp_path):
+    status = run.main([
+        "--sizes", "tiny", "--seq-lens", "16", "--image-sizes", "32", "--repeats", "1", "--warmup", "0",
+        "--new-tokens", "3", "--out", str(tmp_path),
+    ])
+    assert status == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["device"] == "cpu" and results["machine"]["torch"] == torch.__version__
+    families = {case["family"] for case in results["cases"]} | {s.split(":")[0] for s in results["skipped"]}
+    assert families == {"pythia", "llama", "vit"}
+    pythia = next(case for case in results["cases"] if case["family"] == "pythia")
+    assert pythia["seq_len"] == 16 and pythia["size"] == "tiny" and not pythia["failures"]
+    assert set(pythia["metrics"]) == {"forward", "train_step", "decode", "peak_memory"}
+    # the MUDD model is the plain model plus its dense connections, nothing else
+    assert 0 < pythia["parameters"]["mudd"] - pythia["parameters"]["plain"] < 0.1 * pythia["parameters"]["plain"]
+    for metric in pythia["metrics"].values():
+        assert metric["ratio"] > 0 and metric["plain"]["median"] > 0 and len(metric["mudd"]["samples"]) == 1
+    # peak memory covers at least the parameters and their gradients
+    assert pythia["metrics"]["peak_memory"]["plain"]["median"] * 2**20 > 2 * 4 * pythia["parameters"]["plain"]
+    try:
+        import matplotlib  # noqa: F401  (the `bench` extra)
+    except ImportError:
+        return
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_measurements_alternate_and_ratios_compare_medians():
+    calls = []
+    samples = run.interleaved(
+        {"plain": lambda: calls.append("plain") or 2.0, "mudd": lambda: calls.append("mudd") or 3.0},
+        repeats=3, warmup=1,
+    )
+    assert calls == ["plain", "mudd", "mudd", "plain", "plain", "mudd", "mudd", "plain"]
+    assert samples == {"plain": [2.0] * 3, "mudd": [3.0] * 3}
+    summary = run.summarize({"plain": [1.0, 2.0, 4.0], "mudd": [1.5, 2.2, 4.0]}, higher_is_better=False)
+    assert summary["ratio"] == pytest.approx(1.1) and summary["ratio_spread"] == [1.0, 1.5]
+
+
+def test_peak_training_memory_counts_parameters_gradients_and_activations():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+    inputs = torch.randn(64, 256)
+    peak = run.peak_training_memory(model, lambda: model(inputs).square().sum().backward(), torch.device("cpu"))
+    parameters = sum(p.numel() for p in model.parameters()) * 4
+    activations = 64 * 1024 * 4
+    assert 2 * parameters + activations <= peak < 3 * parameters + 4 * activations
