@@ -80,28 +80,42 @@ class MUDDRMSNorm(nn.Module):
 
 
 class _StateStorage:
-    """The autograd-free part of a `DenseStateStack`, which the backward pass keeps (holding the state tensors
-    there would tie the graph into a reference cycle and keep every activation alive until garbage collection).
+    """The autograd-free part of a `DenseStateStack`: what the backward nodes keep. (Keeping the stack itself, which
+    holds the state tensors, would tie the graph into a reference cycle and keep every activation alive until the
+    garbage collector runs.)
 
-    `buffer` `[batch, seq, capacity, hidden]` holds each state once; `grad_buffer` (same layout) collects each
-    state's gradient from all the aggregations that read it. `first_reader[j]` is the number of states of the
-    first aggregation that read `X_j`: running last in backward, it hands the completed gradient to autograd.
-    `largest_reader` is the aggregation that runs first in backward and starts a fresh `grad_buffer`.
+    `buffer` `[batch, seq, capacity, hidden]` holds each state once. In backward, every aggregation adds the
+    gradients of the states it read into one accumulator of the same shape, which is zeroed at its first use in
+    each backward pass (autograd numbers its passes), so repeated or partial passes never see each other's sums.
     """
 
     def __init__(self, buffer: torch.Tensor):
         self.buffer = buffer
-        self.grad_buffer: torch.Tensor | None = None
-        self.first_reader: list[int] = [0] * buffer.shape[2]
-        self.largest_reader = 0
+        self._gradient: torch.Tensor | None = None
+        self._gradient_pass: int | None = None
+
+    def gradient_accumulator(self) -> torch.Tensor:
+        backward_pass = torch._C._current_graph_task_id()
+        if self._gradient_pass != backward_pass:
+            self._gradient = torch.zeros_like(self.buffer)
+            self._gradient_pass = backward_pass
+        return self._gradient
+
+    def accumulated_gradient(self, index: int) -> torch.Tensor | None:
+        """What the aggregations of the running backward pass added for state `index` (None if none ran)."""
+        if self._gradient_pass != torch._C._current_graph_task_id():
+            return None
+        return self._gradient[:, :, index]
 
 
 class DenseStateStack:
     """The states `X_0 .. X_j` seen so far in one forward pass.
 
     Each state is written once into `storage.buffer` (`[batch, seq, capacity, hidden]`), from which every
-    aggregation reads all earlier states with one kernel instead of re-stacking them at each layer; `states`
-    keeps the autograd-tracked tensors so that gradients reach each block.
+    aggregation reads all earlier states with one kernel instead of re-stacking them at each layer. `states` keeps
+    the autograd-tracked tensors; each passes through `_StateGradient`, which hands its state, in backward, the
+    gradient that all aggregations added into the storage's accumulator, instead of each aggregation producing `J`
+    separate gradients that autograd then sums state by state (O(L^2) tensors of the states' size).
     """
 
     def __init__(self, first_state: torch.Tensor, capacity: int, device: torch.device | None = None):
@@ -109,6 +123,7 @@ class DenseStateStack:
         buffer = first_state.new_empty(batch_size, seq_length, capacity, hidden_size, device=device or first_state.device)
         self.storage = _StateStorage(buffer)
         self.states: list[torch.Tensor] = []
+        self.requires_grad = False  # whether any state does: then the aggregations route gradients to them
         self.append(first_state)
 
     @property
@@ -122,46 +137,64 @@ class DenseStateStack:
         if state.device != self.buffer.device:
             state = state.to(self.buffer.device)
         self.buffer.select(2, index).copy_(state.detach())
+        if state.requires_grad and torch.is_grad_enabled():
+            state = _StateGradient.apply(state, self.storage, index)
+            self.requires_grad = True
         self.states.append(state)
 
     def __len__(self) -> int:
         return len(self.states)
 
 
+class _StateGradient(torch.autograd.Function):
+    """Identity on a state; in backward, adds what the aggregations accumulated for it.
+
+    The aggregations take this node's output as input, so autograd runs it only after all of them: the sum is
+    complete.
+    """
+
+    @staticmethod
+    def forward(ctx, state: torch.Tensor, storage: _StateStorage, index: int) -> torch.Tensor:
+        ctx.storage, ctx.index = storage, index
+        ctx.set_materialize_grads(False)  # the aggregations return no gradient of their own for it
+        return state.view_as(state)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        accumulated = ctx.storage.accumulated_gradient(ctx.index)
+        if accumulated is None or grad is None:
+            return (grad if accumulated is None else accumulated), None, None
+        return grad + accumulated, None, None
+
+
 class _DepthAggregate(torch.autograd.Function):
     """`streams[c] = sum_j weights[..., c, j] * X_j` over the first `J` states of a `DenseStateStack`.
 
-    Nothing of size `[.., J, hidden]` is saved per layer: the states are read back from the stack's buffer (later
-    layers only write slots >= J). Gradients of the states are accumulated into the storage's `grad_buffer`; the
-    aggregation that read `X_j` first in forward (in a model: the one after block `j - 1`) runs last in backward,
-    when the slot is complete, and it alone hands the gradient of `X_j` to autograd, so that the O(L^2) per-layer
-    gradient tensors of a plain implementation and their sums never exist.
+    Nothing of size `[.., J, hidden]` is saved per layer: the states are read back from the storage's buffer
+    (later layers only write slots >= J), and their gradients go into its accumulator (see `_StateGradient`). The
+    states are inputs only so that autograd orders each state's `_StateGradient` after all of its aggregations.
     On CUDA the work is done by the Triton kernels of `mudd_triton.py`; elsewhere by batched matmuls.
     """
 
     @staticmethod
     def forward(ctx, weights: torch.Tensor, storage: _StateStorage, *states: torch.Tensor) -> torch.Tensor:
-        num_states = len(states)
         ctx.save_for_backward(weights)
         ctx.storage = storage
-        ctx.num_states = num_states
-        for j in range(num_states):
-            storage.first_reader[j] = storage.first_reader[j] or num_states
-        storage.largest_reader = max(storage.largest_reader, num_states)
-        return _aggregate_forward(weights, storage.buffer, num_states)
+        ctx.num_states = len(states)
+        return _aggregate_forward(weights, storage.buffer, len(states))
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (weights,) = ctx.saved_tensors
         storage, num_states = ctx.storage, ctx.num_states
-        if storage.grad_buffer is None or num_states == storage.largest_reader:
-            storage.grad_buffer = torch.zeros_like(storage.buffer)  # a new backward pass starts here
-        grad_weights = _aggregate_backward(weights, storage.buffer, storage.grad_buffer, grad_output, num_states)
-        grad_states = [
-            storage.grad_buffer[:, :, j] if storage.first_reader[j] == num_states and ctx.needs_input_grad[2 + j] else None
-            for j in range(num_states)
-        ]
-        return (grad_weights if ctx.needs_input_grad[0] else None, None, *grad_states)
+        if any(ctx.needs_input_grad[2:]):
+            grad_weights = _aggregate_backward(
+                weights, storage.buffer, storage.gradient_accumulator(), grad_output, num_states
+            )
+        else:  # only the weights need a gradient
+            history = storage.buffer[:, :, :num_states]
+            grad_weights = torch.matmul(grad_output.movedim(0, 2), history.transpose(-1, -2))
+        return (grad_weights if ctx.needs_input_grad[0] else None, None, *([None] * num_states))
 
 
 def _use_triton(weights: torch.Tensor, buffer: torch.Tensor) -> bool:
@@ -192,13 +225,12 @@ def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> tuple[tor
     if weights.shape[-1] != num_states:
         raise ValueError(f"dense weights cover {weights.shape[-1]} states but {num_states} were produced")
     weights = weights.to(stack.buffer.dtype).contiguous()
-    states = [s.to(stack.buffer.device) for s in stack.states]
     # Under autocast the states are mixed in their own dtype, like a residual add (float32 under bf16 autocast):
     # autocast would also give `_DepthAggregate` a low-precision output whose gradient no longer matches the
     # float32 states in its backward.
     with torch.autocast(stack.buffer.device.type, enabled=False):
-        if torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in states)):
-            return _DepthAggregate.apply(weights, stack.storage, *states).unbind(0)
+        if torch.is_grad_enabled() and (weights.requires_grad or stack.requires_grad):
+            return _DepthAggregate.apply(weights, stack.storage, *stack.states).unbind(0)
         return _aggregate_forward(weights, stack.buffer, num_states).unbind(0)
 
 

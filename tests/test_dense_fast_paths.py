@@ -32,7 +32,7 @@ def _mudd_outputs(states, weights):
     outputs = []
     for i, w in enumerate(weights):
         stack.append(states[i + 1])
-        outputs.append(aggregate_states(w, stack))
+        outputs.append(torch.stack(aggregate_states(w, stack), 2))
     return outputs
 
 
