@@ -284,9 +284,14 @@ class DepthAggregator(nn.Module):
         """`[batch, seq, hidden]` -> mixing weights `[batch, seq, C, i + 2]` (stream-major, as in the checkpoints)."""
         if self.proj_in is None:
             return self.static_weights.expand(*layer_output.shape[:-1], -1, -1)
-        if torch.is_grad_enabled() and layer_output.requires_grad:
+        if (
+            torch.is_grad_enabled()
+            and layer_output.requires_grad
+            and not torch.is_autocast_enabled(layer_output.device.type)
+        ):
             # W1 . rmsnorm(x) = (W1 . x) / rms(x): the norm becomes one factor per position on the narrow hidden
-            # layer, so autograd keeps x (alive anyway) for backward instead of a normalised copy of it.
+            # layer, so autograd keeps x (alive anyway) for backward instead of a normalised copy of it. Not under
+            # autocast: a low-precision W1 . x on the unnormalised input measurably worsens the gradients there.
             scale = self.weight_norm.weight
             hidden = self.proj_in(layer_output if scale is None else layer_output * scale)
             hidden = hidden * self.weight_norm.inverse_rms(layer_output).to(hidden.dtype)
