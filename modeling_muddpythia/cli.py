@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .evaluation import table3_arguments
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PRESET = REPO_ROOT / "configuration" / "muddpythia-tiny.json"
@@ -68,9 +70,73 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main_job(args: argparse.Namespace) -> int:
+    from .main_job import run_main_job
+
+    run_main_job(output=args.output, shots=tuple(args.shots), batch_size=args.batch_size, limit=args.limit)
+    return 0
+
+
+def _train_tiny(args: argparse.Namespace) -> int:
+    from .train_tiny import train_tiny_models
+
+    summary = train_tiny_models(
+        output=args.output, steps=args.steps, batch_size=args.batch_size, seq_length=args.seq_length,
+        peak_lr=args.lr, seed=args.seed, threads=args.threads,
+    )
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _write_tasks(args: argparse.Namespace) -> int:
+    from .synthetic import write_task_data
+
+    for path in write_task_data(args.output):
+        print(path)
+    return 0
+
+
+def _table3(args: argparse.Namespace) -> int:
+    from .evaluation import run_table3
+
+    return run_table3(args.model_dir, args.output, tuple(args.shots), args.batch_size, args.limit, args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mudd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    main_job = commands.add_parser(
+        "main", help="the main job: lm-eval of the shipped tiny GPT-NeoX and MUDDPythia on the synthetic tasks "
+        "(0- and 5-shot), side-by-side table, sample generations, dense-weight heatmap"
+    )
+    main_job.add_argument("--output", default="outputs", help="folder for the table, results and heatmap")
+    main_job.add_argument("--shots", type=int, nargs="+", default=[0, 5])
+    main_job.add_argument("--batch-size", type=int, default=32)
+    main_job.add_argument("--limit", type=int, default=None, help="documents per task (quick look)")
+    main_job.set_defaults(run=_main_job)
+
+    evaluate = commands.add_parser(
+        "eval", help="the paper's Table 3 lm-eval suite on a model folder (same as the `mudd-eval` command)"
+    )
+    table3_arguments(evaluate).set_defaults(run=_table3)
+
+    train = commands.add_parser(
+        "train-tiny", help="train the tiny GPT-NeoX and MUDDPythia shipped in checkpoints/ (CPU, a few minutes each)"
+    )
+    train.add_argument("--output", default=str(REPO_ROOT / "checkpoints"))
+    train.add_argument("--steps", type=int, default=1200)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--seq-length", type=int, default=256)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    train.set_defaults(run=_train_tiny)
+
+    tasks = commands.add_parser("write-tasks", help="regenerate the synthetic lm-eval task data (JSONL)")
+    tasks.add_argument("--output", default=str(REPO_ROOT / "tests" / "tasks" / "data"))
+    tasks.set_defaults(run=_write_tasks)
+
     demo = commands.add_parser(
         "demo", help="build a small MUDDPythia from a preset, save it with remote code, reload it in a fresh "
         "process with trust_remote_code and generate"
@@ -79,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output", default="outputs/demo", help="folder to save the model to")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo.set_defaults(run=_demo)
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    return 2
+    return args.run(args)
 
 
 if __name__ == "__main__":

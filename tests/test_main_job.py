@@ -1,0 +1,147 @@
+"""The main job and the tiny models it evaluates: shipped checkpoints, training script, analysis pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from modeling_muddpythia import MUDDPythiaForCausalLM
+from modeling_muddpythia.main_job import (
+    CHECKPOINTS_DIR, MODELS, STREAMS, TABLE_ROWS, dense_weight_grid, mean_dense_weights, run_main_job,
+)
+from modeling_muddpythia.synthetic import build_tokenizer, task_rows
+from modeling_muddpythia.train_tiny import MUDD_NAME, PLAIN_NAME, mudd_model_from, plain_model, train_tiny_models
+
+
+PROBE = "recall k3 v17 k9 v2 ; k9 v2 k3 v17 . copy A Q Z = A Q Z . alice and bob went to the park ."
+
+
+def test_shipped_checkpoints_are_small_safetensors_with_tokenizer():
+    total = 0
+    for folder, _ in MODELS:
+        path = CHECKPOINTS_DIR / folder
+        files = {p.name for p in path.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files, folder
+        assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files), folder
+        total += sum(p.stat().st_size for p in path.iterdir())
+        log = json.loads((path / "training_log.json").read_text())
+        assert log["model"] == folder
+    assert total <= 20 * 2**20
+    config = json.loads((CHECKPOINTS_DIR / MUDD_NAME / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_muddpythia.MUDDPythiaForCausalLM"
+    plain, mudd = (json.loads((CHECKPOINTS_DIR / f / "training_log.json").read_text()) for f, _ in MODELS)
+    # same data, same steps, same starting function
+    for key in ("steps", "batch_size", "seq_length", "tokens", "seed", "peak_lr"):
+        assert plain[key] == mudd[key], key
+    assert plain["losses"][0] == pytest.approx(mudd["losses"][0], abs=1e-4)
+
+
+def test_shipped_mudd_checkpoint_remote_code_equals_package():
+    """The folder's own copy of the modeling code (loaded in a process where our package cannot be imported) gives
+    the same logits as the installed package: the shipped remote code is not stale."""
+    folder = CHECKPOINTS_DIR / MUDD_NAME
+    tokenizer = build_tokenizer()
+    ids = tokenizer(PROBE)["input_ids"]
+    script = textwrap.dedent(
+        """
+        import json, sys
+        sys.modules["modeling_muddpythia"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(torch.tensor([json.loads(sys.argv[2])])).logits
+        print(json.dumps({"module": type(model).__module__, "logits": logits[0, -3:].tolist()}))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(folder), json.dumps(ids)], capture_output=True, text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not remote["module"].startswith("modeling_muddpythia.")
+    model = MUDDPythiaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        local = model(torch.tensor([ids])).logits[0, -3:]
+    assert (torch.tensor(remote["logits"]) - local).abs().max().item() < 1e-5
+
+
+def test_train_tiny_trains_both_from_the_same_function_on_the_same_data(tmp_path):
+    summary = train_tiny_models(output=tmp_path, steps=3, batch_size=2, seq_length=32, seed=3, threads=None)
+    assert summary["start_max_logit_diff"] < 1e-5
+    logs = {name: json.loads((tmp_path / name / "training_log.json").read_text()) for name in (PLAIN_NAME, MUDD_NAME)}
+    # identical function and identical first batch -> identical first loss; MUDD has the extra dense parameters
+    assert logs[PLAIN_NAME]["losses"][0] == pytest.approx(logs[MUDD_NAME]["losses"][0], abs=1e-5)
+    extra = logs[MUDD_NAME]["parameters"] / logs[PLAIN_NAME]["parameters"] - 1
+    assert 0 < extra < 0.03  # the compact weight generators (dense_round64=False)
+    for name in (PLAIN_NAME, MUDD_NAME):
+        assert (tmp_path / name / "model.safetensors").is_file() and (tmp_path / name / "tokenizer.json").is_file()
+
+
+def test_heatmap_of_identity_connections_is_one_hot_on_the_newest_state():
+    """Before training, every stream is the newest state: the analysis must show weight 1 on X_{i+1}, 0 elsewhere."""
+    tokenizer = build_tokenizer()
+    mudd = mudd_model_from(plain_model(len(tokenizer), seed=0)).eval()
+    texts = [row["text"] for row in task_rows("mudd_synth_perplexity", "test")[:3]]
+    weights = mean_dense_weights(mudd, tokenizer, texts)
+    num_layers = mudd.config.num_hidden_layers
+    assert [tuple(w.shape) for w in weights] == [(4, i + 2) for i in range(num_layers - 1)] + [(1, num_layers + 1)]
+    grid = dense_weight_grid(weights)
+    assert grid.shape == (len(STREAMS), num_layers, num_layers + 1)
+    for i in range(num_layers):
+        streams = range(len(STREAMS)) if i < num_layers - 1 else [len(STREAMS) - 1]
+        for c in streams:
+            expected = torch.zeros(i + 2, dtype=torch.float64)
+            expected[-1] = 1.0
+            assert torch.allclose(grid[c, i, : i + 2], expected, atol=1e-6)
+            assert torch.isnan(grid[c, i, i + 2:]).all()
+    assert torch.isnan(grid[:3, num_layers - 1]).all()  # the last connection makes only the output stream
+
+
+def test_mean_dense_weights_are_token_weighted_means():
+    tokenizer = build_tokenizer()
+    mudd = mudd_model_from(plain_model(len(tokenizer), seed=0)).eval()
+    with torch.no_grad():
+        for layer in mudd.model.dense.layers:
+            layer.proj_out.weight.normal_(0, 0.5)  # position-dependent weights
+    texts = ["copy A B = A B .", "3 plus 4 is 7 . count 1 2 3 4 ."]
+    got = mean_dense_weights(mudd, tokenizer, texts)
+    with torch.no_grad():
+        per_token = [
+            mudd(tokenizer(t, return_tensors="pt")["input_ids"], output_dense_weights=True).dense_weights for t in texts
+        ]
+    for i, mean in enumerate(got):
+        stacked = torch.cat([weights[i][0] for weights in per_token]).double()  # [all tokens, C, i + 2]
+        assert torch.allclose(mean, stacked.mean(0), atol=1e-6)
+
+
+def test_main_job_on_the_shipped_checkpoints(tmp_path):
+    """A short run of the main job (3 documents per task): every output is written, every table cell is filled."""
+    result = run_main_job(output=tmp_path, shots=(0, 5), batch_size=8, limit=3, heatmap_documents=4)
+    table = (tmp_path / "tiny_models_table.md").read_text()
+    assert "GPT-NeoX 5-shot" in table and "MUDDPythia 0-shot" in table
+    for _, _, description, _ in TABLE_ROWS:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {description} |"))
+        assert "–" not in row, row
+    assert (tmp_path / "dense_weights_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    raw = json.loads((tmp_path / "lm_eval_results.json").read_text())
+    assert set(raw) == {"GPT-NeoX 0-shot", "MUDDPythia 0-shot", "GPT-NeoX 5-shot", "MUDDPythia 5-shot"}
+    assert raw["MUDDPythia 5-shot"]["n-shot"]["mudd_synth_recall"] == 5
+    assert raw["MUDDPythia 5-shot"]["n-shot"]["mudd_synth_perplexity"] == 0
+    assert len(result["generations"]) == 5 and all(g["MUDDPythia"] for g in result["generations"])
+    assert len(json.loads((tmp_path / "dense_weights.json").read_text())) == len(result["dense_weights"])
+
+
+def test_main_job_without_checkpoints_says_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mudd train-tiny"):
+        run_main_job(output=tmp_path / "out", checkpoints=tmp_path / "nothing")
