@@ -23,6 +23,8 @@ from .mudd_triton import triton_aggregate_backward, triton_aggregate_forward, tr
 
 TRITON_MIN_POSITIONS = 256
 STREAM_NAMES = {"qkvr": ("query", "key", "value", "residual"), "r": ("residual",)}
+# Device types with a fused `rms_norm` kernel: inference there normalises the generator's input in one launch.
+FUSED_RMS_NORM_DEVICES = {"cuda"}
 
 
 def dense_hidden_width(num_streams: int, num_states: int, is_last: bool, expand_last: bool, round64: bool) -> int:
@@ -284,18 +286,17 @@ class DepthAggregator(nn.Module):
         """`[batch, seq, hidden]` -> mixing weights `[batch, seq, C, i + 2]` (stream-major, as in the checkpoints)."""
         if self.proj_in is None:
             return self.static_weights.expand(*layer_output.shape[:-1], -1, -1)
-        if (
-            torch.is_grad_enabled()
-            and layer_output.requires_grad
-            and not torch.is_autocast_enabled(layer_output.device.type)
-        ):
+        training = torch.is_grad_enabled() and layer_output.requires_grad
+        autocast = torch.is_autocast_enabled(layer_output.device.type)
+        if not autocast and (training or layer_output.device.type not in FUSED_RMS_NORM_DEVICES):
             # W1 . rmsnorm(x) = (W1 . x) / rms(x): the norm becomes one factor per position on the narrow hidden
-            # layer, so autograd keeps x (alive anyway) for backward instead of a normalised copy of it. Not under
-            # autocast: a low-precision W1 . x on the unnormalised input measurably worsens the gradients there.
+            # layer. x is read once instead of being normalised into a copy, and autograd keeps x (alive anyway)
+            # for backward instead of that copy. Not under autocast: a low-precision W1 . x on the unnormalised
+            # input measurably worsens the gradients there.
             scale = self.weight_norm.weight
             hidden = self.proj_in(layer_output if scale is None else layer_output * scale)
             hidden = hidden * self.weight_norm.inverse_rms(layer_output).to(hidden.dtype)
-        else:  # inference: the norm is one fused kernel on GPUs, which matters when decoding is launch-bound
+        else:  # inference where `rms_norm` is one fused kernel: decoding is launch-bound there
             hidden = self.proj_in(self.weight_norm(layer_output))
         dynamic = self.proj_out(self.act(hidden))
         return dynamic.unflatten(-1, (self.num_streams, self.num_states)) + self.static_weights

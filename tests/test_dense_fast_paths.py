@@ -140,7 +140,8 @@ def test_static_cache_decode_step_compiles_in_one_graph():
 
 
 @pytest.mark.parametrize("prenorm", [False, True])
-def test_weight_generator_training_and_inference_paths_agree(prenorm):
+def test_weight_generator_folded_and_fused_norm_paths_agree(prenorm, monkeypatch):
+    from modeling_muddpythia import mudd
     from modeling_muddpythia.mudd import DepthAggregator
 
     torch.manual_seed(0)
@@ -149,11 +150,13 @@ def test_weight_generator_training_and_inference_paths_agree(prenorm):
         for param in aggregator.parameters():
             param.normal_()
     x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
-    trained = aggregator.compute_weights(x)  # records gradients: the folded norm
+    folded = aggregator.compute_weights(x)
+    monkeypatch.setattr(mudd, "FUSED_RMS_NORM_DEVICES", {"cpu"})
     with torch.no_grad():
-        inferred = aggregator.compute_weights(x)  # the normalised input
+        normalised = aggregator.compute_weights(x)  # as CUDA inference runs it
+    assert torch.allclose(aggregator.compute_weights(x), folded)  # training always folds
     scale = aggregator.weight_norm.weight if prenorm else 1.0
     normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * scale
     hidden = torch.nn.functional.gelu(normed @ aggregator.proj_in.weight.T)
     expected = (hidden @ aggregator.proj_out.weight.T).view(2, 3, 4, 4) + aggregator.static_weights
-    assert torch.allclose(trained, expected) and torch.allclose(inferred, expected)
+    assert torch.allclose(folded, expected) and torch.allclose(normalised, expected)
