@@ -37,12 +37,15 @@ def default_device() -> str:
 
 
 def task_manager(include_path: str | Path | list | None = None, include_defaults: bool = True):
-    """lm-eval's `TaskManager`; `include_defaults=False` skips indexing the ~10k built-in task files."""
+    """lm-eval's `TaskManager` over extra task folders; `include_defaults=False` skips indexing the built-in tasks."""
     _require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    paths = [str(p) for p in include_path] if isinstance(include_path, list) else include_path
-    return TaskManager(include_path=str(paths) if isinstance(paths, Path) else paths, include_defaults=include_defaults)
+    if isinstance(include_path, (list, tuple)):
+        include_path = [str(path) for path in include_path]
+    elif include_path is not None:
+        include_path = str(include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 def evaluate_model(
@@ -204,7 +207,9 @@ def run_table3(
             results = evaluate_model(
                 model_dir, list(tasks), shot, manager=manager, batch_size=batch_size, limit=limit, device=device
             )
-            scores[shot] = {task: metric_value(results, task, metric) for task, metric, _ in TABLE3_COLUMNS if task in tasks}
+            scores[shot] = {
+                task: metric_value(results, task, metric) for task, metric, _ in TABLE3_COLUMNS if task in tasks
+            }
             raw[shot] = {"results": results["results"], "n-shot": results.get("n-shot")}
     output.mkdir(parents=True, exist_ok=True)
     table = table3_markdown(model_dir.name, scores)

@@ -134,7 +134,9 @@ def plot_dense_weights(grid: torch.Tensor, path: Path, title: str) -> None:
 
     num_layers = grid.shape[1]
     limit = float(torch.nan_to_num(grid.abs(), nan=0.0).max()) or 1.0
-    figure, axes = plt.subplots(1, len(STREAMS), figsize=(3.2 * len(STREAMS) + 1.2, 0.55 * num_layers + 2.2))
+    figure, axes = plt.subplots(
+        1, len(STREAMS), figsize=(3.2 * len(STREAMS) + 1.2, 0.55 * num_layers + 2.2), constrained_layout=True
+    )
     for stream, (axis, name) in enumerate(zip(axes, STREAMS)):
         image = axis.imshow(grid[stream].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
         for i in range(num_layers):
@@ -147,7 +149,7 @@ def plot_dense_weights(grid: torch.Tensor, path: Path, title: str) -> None:
         axis.set_yticks(range(num_layers), [f"{i}" for i in range(num_layers)], fontsize=8)
         axis.set_xlabel("source X_j (output of block j-1)")
         if stream == 0:
-            axis.set_ylabel("dense connection after block i")
+            axis.set_ylabel("connection after block i (inputs of block i+1)")
     figure.colorbar(image, ax=list(axes), shrink=0.8, label="mean weight")
     figure.suptitle(title)
     figure.savefig(path, dpi=120)
@@ -226,9 +228,12 @@ def _report(table: str, generations: list[dict], logs: dict, shots: tuple[int, .
     lines = ["# Tiny GPT-NeoX vs tiny MUDDPythia on the synthetic tasks", ""]
     if logs.get(plain) and logs.get(mudd):
         a, b = logs[plain], logs[mudd]
+        overhead = 100 * (b["forward_flops_per_token"] / a["forward_flops_per_token"] - 1)
         lines += [
-            f"Both trained by `mudd train-tiny` from the same initial function for {a['steps']} steps on the same "
-            f"{a['tokens']:,} tokens. Parameters: {plain} {a['parameters']:,}, {mudd} {b['parameters']:,} "
+            f"Both trained by `mudd train-tiny` from the same initial function on the same stream of documents with "
+            f"equal training compute ({b['train_flops'] / 1e12:.2f} TFLOPs): {mudd} {b['steps']} steps, {plain} "
+            f"{a['steps']} steps (the dense connections cost {overhead:.1f}% more FLOPs per token). Parameters: "
+            f"{plain} {a['parameters']:,}, {mudd} {b['parameters']:,} "
             f"(+{100 * (b['parameters'] / a['parameters'] - 1):.1f}%). Held-out loss: {plain} "
             f"{a['heldout_loss']:.3f}, {mudd} {b['heldout_loss']:.3f}.",
             "",

@@ -1,7 +1,8 @@
 """A small synthetic language, its tokenizer and lm-evaluation-harness tasks built from it (all offline).
 
-The language mixes five kinds of documents, each a line of space-separated words ending in "." (documents are
-simply concatenated, so a few-shot prompt joined with " . " looks like training text):
+The language mixes five kinds of documents, each a line of space-separated words ending in "." (training text
+separates documents with the end-of-text token, as Pythia's does; the few-shot prompts of the tasks join their
+examples the same way):
 
 * associative recall (multi-query associative recall, MQAR): ``recall k3 v17 k9 v2 ... ; k9 v2 k3 v17 .`` -
   key-value pairs, then queried keys each followed by its value. The values are only known from the context:
@@ -38,7 +39,7 @@ OBJECTS = ("ball", "book", "apple", "cup", "key", "hat", "kite", "coin", "map", 
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "small", "big")
 PLACES = ("park", "school", "garden", "market", "river", "house", "library", "beach")
 WORDS = (
-    "recall", ";", "copy", "=", "count", "plus", "is", ".", "and", "went", "to", "the", "found", "a", "gave",
+    "recall", ";", "copy", "=", "count", "plus", "is", ".", ",", "and", "went", "to", "the", "found", "a", "gave",
     "thanked", "later", "back", "met", "at", "showed", "asked", "for", "then", "took", "from", "with",
 )
 MAX_PAIRS = 8
@@ -123,14 +124,17 @@ def arithmetic_text(example: dict) -> str:
     return _words(example["a"], "plus", example["b"], "is", example["a"] + example["b"], ".")
 
 
+# Sentences over people {A}, {B}, {C}, a place {P} and an object {O}; the last word names who gets the object
+# back: whoever handed it to the last giver ({A} in most templates, {B} in the last one, whose first name is {A}).
 _STORY_TEMPLATES = (
-    # (sentences with {A}, {B}, {P}, {O}), the final sentence ends with the answer, which is always {A}
     ("{A} and {B} went to the {P} .", "{A} found a {O} .", "{A} gave the {O} to {B} .", "{B} thanked {A} .",
      "later {B} gave the {O} back to {A} ."),
     ("{B} met {A} at the {P} .", "{A} showed {B} a {O} .", "{B} asked {A} for the {O} .",
      "then {B} took the {O} from {A} ."),
     ("{A} went to the {P} with {B} and {C} .", "{A} found a {O} .", "{C} asked for the {O} .",
      "{A} gave the {O} to {B} .", "later {B} gave the {O} back to {A} ."),
+    ("{A} , {B} and {C} went to the {P} .", "{A} found a {O} .", "{A} gave the {O} to {B} .",
+     "{B} gave the {O} to {C} .", "later {C} gave the {O} back to {B} ."),
 )
 
 
@@ -174,7 +178,7 @@ def documents(seed: int) -> Iterator[str]:
 # Seeds far from the training seed, so evaluation documents are fresh draws (the arithmetic facts excepted: they
 # are knowledge and the same everywhere).
 TASK_SEED = 10_000
-TASK_SIZES = {"train": 40, "test": 150}
+TASK_SIZES = {"train": 40, "test": 300}
 
 
 def _recall_mc_row(rng: random.Random) -> dict:

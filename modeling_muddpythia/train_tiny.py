@@ -6,8 +6,9 @@
 2. initialises a small `GPTNeoXForCausalLM` from a seed, and the MUDDPythia that computes exactly the same function
    (`muddify`, with the compact weight generator: `dense_round64=False`, so that the dense connections cost ~1% of
    the compute instead of ~5% at this width);
-3. trains both for the same number of steps on the same batches (same documents, same order) with the same
-   optimiser and schedule, so the only difference is that the MUDD model can learn its dense connections;
+3. trains both on the same batches (same documents, same order) with the same optimiser and schedule, for equal
+   training compute: the plain model gets as many more steps as the dense connections cost extra FLOPs per token
+   (counted with torch's FlopCounterMode), so the only difference is that the MUDD model has dense connections;
 4. saves each with its tokenizer (safetensors; the MUDD folder carries its remote code and `auto_map`), plus a
    `training_log.json`.
 """
@@ -68,19 +69,22 @@ def mudd_model_from(plain):
     weights = {name: tensor for name, tensor in reference.state_dict().items() if ".dense." not in f".{name}"}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(".dense." not in f".{name}" for name in missing):
-        raise RuntimeError(f"rebuilding the MUDD model lost weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"rebuilding the MUDD model lost weights: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.train(plain.training)
 
 
 def token_batches(tokenizer, seed: int, batch_size: int, seq_length: int):
-    """Endless batches `[batch_size, seq_length]` of packed documents; each row starts at a document start."""
+    """Endless batches `[batch_size, seq_length]` of packed documents, each followed by the end-of-text token
+    (GPT-NeoX/Pythia style); each row starts at a document start."""
     stream = documents(seed)
     while True:
         rows = []
         for _ in range(batch_size):
             row: list[int] = []
             while len(row) < seq_length:
-                row.extend(tokenizer(next(stream))["input_ids"])
+                row.extend(tokenizer(next(stream))["input_ids"] + [tokenizer.eos_token_id])
             rows.append(row[:seq_length])
         yield torch.tensor(rows)
 
@@ -98,8 +102,10 @@ def train(model, batches: list[torch.Tensor], peak_lr: float, desc: str) -> list
     from tqdm.auto import tqdm
 
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # Weight decay on matrices only: not on biases and norm scales, nor on the static dense weights b, whose
+    # decay would pull every residual path towards zero.
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith("static_weights")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.endswith("static_weights")]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr,
         betas=(0.9, 0.95),
@@ -125,6 +131,19 @@ def heldout_loss(model, batches: list[torch.Tensor]) -> float:
     return sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
 
 
+def forward_flops_per_token(model, seq_length: int) -> float:
+    """Matmul/attention FLOPs of one forward pass per token at `seq_length`, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.full((1, seq_length), 3, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(ids)
+    model.train(was_training)
+    return counter.get_total_flops() / seq_length
+
+
 def train_tiny_models(
     output: str | Path = "checkpoints",
     steps: int = 1200,
@@ -134,7 +153,12 @@ def train_tiny_models(
     seed: int = 0,
     threads: int | None = 2,
 ) -> dict:
-    """Train and save both tiny models under `output/`; returns a summary (also written to each folder)."""
+    """Train and save both tiny models under `output/`; returns a summary (also written to each folder).
+
+    The MUDD model trains for `steps` steps. Its dense connections cost a few percent more FLOPs per token at this
+    width, so the plain model trains for proportionally more steps (on the same batches, continuing the same
+    stream): both get the same training compute.
+    """
     if threads:
         torch.set_num_threads(threads)
     tokenizer = build_tokenizer()
@@ -146,19 +170,27 @@ def train_tiny_models(
     if start_diff > 1e-4:
         raise RuntimeError(f"the MUDD model does not start as the plain model (max |logit diff| {start_diff:.2e})")
 
+    models = {PLAIN_NAME: plain, MUDD_NAME: mudd}
+    flops = {name: forward_flops_per_token(model, seq_length) for name, model in models.items()}
+    model_steps = {MUDD_NAME: steps, PLAIN_NAME: round(steps * flops[MUDD_NAME] / flops[PLAIN_NAME])}
     stream = token_batches(tokenizer, seed, batch_size, seq_length)
-    batches = list(itertools.islice(stream, steps))
+    batches = list(itertools.islice(stream, max(model_steps.values())))
     heldout = list(itertools.islice(token_batches(tokenizer, seed + 1, batch_size, seq_length), 8))
-    summary = {"steps": steps, "batch_size": batch_size, "seq_length": seq_length, "peak_lr": peak_lr,
-               "seed": seed, "tokens": steps * batch_size * seq_length, "start_max_logit_diff": start_diff}
+    summary = {"batch_size": batch_size, "seq_length": seq_length, "peak_lr": peak_lr, "seed": seed,
+               "start_max_logit_diff": start_diff}
     output = Path(output)
-    for name, model in ((PLAIN_NAME, plain), (MUDD_NAME, mudd)):
+    for name, model in models.items():
         started = time.perf_counter()
-        losses = train(model, batches, peak_lr, desc=f"train {name}")
+        losses = train(model, batches[: model_steps[name]], peak_lr, desc=f"train {name}")
+        tokens = model_steps[name] * batch_size * seq_length
         record = dict(
             summary,
             model=name,
+            steps=model_steps[name],
+            tokens=tokens,
             parameters=sum(p.numel() for p in model.parameters()),
+            forward_flops_per_token=flops[name],
+            train_flops=3 * flops[name] * tokens,  # forward + backward ~ 3 forwards
             train_seconds=round(time.perf_counter() - started, 1),
             final_train_loss=sum(losses[-20:]) / len(losses[-20:]),
             heldout_loss=heldout_loss(model, heldout),

@@ -39,10 +39,11 @@ def test_shipped_checkpoints_are_small_safetensors_with_tokenizer():
     config = json.loads((CHECKPOINTS_DIR / MUDD_NAME / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_muddpythia.MUDDPythiaForCausalLM"
     plain, mudd = (json.loads((CHECKPOINTS_DIR / f / "training_log.json").read_text()) for f, _ in MODELS)
-    # same data, same steps, same starting function
-    for key in ("steps", "batch_size", "seq_length", "tokens", "seed", "peak_lr"):
+    # same data stream, same starting function, same training compute
+    for key in ("batch_size", "seq_length", "seed", "peak_lr"):
         assert plain[key] == mudd[key], key
     assert plain["losses"][0] == pytest.approx(mudd["losses"][0], abs=1e-4)
+    assert plain["train_flops"] == pytest.approx(mudd["train_flops"], rel=0.01)
 
 
 def test_shipped_mudd_checkpoint_remote_code_equals_package():
@@ -77,13 +78,18 @@ def test_shipped_mudd_checkpoint_remote_code_equals_package():
 
 
 def test_train_tiny_trains_both_from_the_same_function_on_the_same_data(tmp_path):
-    summary = train_tiny_models(output=tmp_path, steps=3, batch_size=2, seq_length=32, seed=3, threads=None)
+    summary = train_tiny_models(output=tmp_path, steps=20, batch_size=2, seq_length=32, seed=3, threads=None)
     assert summary["start_max_logit_diff"] < 1e-5
     logs = {name: json.loads((tmp_path / name / "training_log.json").read_text()) for name in (PLAIN_NAME, MUDD_NAME)}
+    plain, mudd = logs[PLAIN_NAME], logs[MUDD_NAME]
     # identical function and identical first batch -> identical first loss; MUDD has the extra dense parameters
-    assert logs[PLAIN_NAME]["losses"][0] == pytest.approx(logs[MUDD_NAME]["losses"][0], abs=1e-5)
+    assert plain["losses"][0] == pytest.approx(mudd["losses"][0], abs=1e-5)
+    # equal compute: the plain model makes up for the dense connections' FLOPs with extra steps on the same stream
+    assert mudd["steps"] == 20 and plain["steps"] > 20
+    assert plain["train_flops"] == pytest.approx(mudd["train_flops"], rel=0.05)
+    assert mudd["forward_flops_per_token"] > plain["forward_flops_per_token"]
     extra = logs[MUDD_NAME]["parameters"] / logs[PLAIN_NAME]["parameters"] - 1
-    assert 0 < extra < 0.03  # the compact weight generators (dense_round64=False)
+    assert 0 < extra < 0.05  # the compact weight generators (dense_round64=False): ~3% at width 64
     for name in (PLAIN_NAME, MUDD_NAME):
         assert (tmp_path / name / "model.safetensors").is_file() and (tmp_path / name / "tokenizer.json").is_file()
 

@@ -1,0 +1,178 @@
+"""Configuration shared by the MUDD decoder families (MUDDPythia, MUDDFormer)."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+from .mudd import STREAM_NAMES, reallocated_ffn_width
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a boolean, got {value!r}")
+
+
+def _check_probability(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
+
+
+class MUDDDecoderConfig(PreTrainedConfig):
+    r"""Fields common to the MUDD decoders; see `MUDDPythiaConfig` / `MUDDFormerConfig` for the documented API.
+
+    The family configs expose their norm epsilon under the transformers name of their family
+    (`layer_norm_eps` / `rms_norm_eps`); shared code reads it as `config.norm_eps`.
+    """
+
+    keys_to_ignore_at_inference = ["past_key_values"]
+    _POSITIVE_INT_FIELDS = (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "intermediate_size", "max_position_embeddings",
+    )
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        hidden_size: int,
+        num_hidden_layers: int,
+        num_attention_heads: int,
+        num_key_value_heads: int | None,
+        head_dim: int | None,
+        intermediate_size: int,
+        hidden_act: str,
+        max_position_embeddings: int,
+        initializer_range: float,
+        norm_eps: float,
+        use_cache: bool,
+        tie_word_embeddings: bool,
+        use_parallel_residual: bool,
+        attention_bias: bool,
+        mlp_bias: bool,
+        attention_dropout: float,
+        hidden_dropout: float,
+        rope_parameters: dict | None,
+        use_qk_norm: bool,
+        ffn_width_reallocation: bool,
+        dense_streams: str,
+        dynamic_dense: bool,
+        dense_expand_last: bool,
+        dense_round64: bool,
+        separate_stream_norms: bool,
+        separate_stream_norms_first_layer: bool,
+        dense_prenorm: bool,
+        dense_postnorm: bool,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.norm_eps = norm_eps
+        self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
+        self.use_parallel_residual = use_parallel_residual
+        self.attention_bias = attention_bias
+        self.mlp_bias = mlp_bias
+        self.attention_dropout = attention_dropout
+        self.hidden_dropout = hidden_dropout
+        self.rope_parameters = rope_parameters
+        self.use_qk_norm = use_qk_norm
+        self.ffn_width_reallocation = ffn_width_reallocation
+        self.dense_streams = dense_streams
+        self.dynamic_dense = dynamic_dense
+        self.dense_expand_last = dense_expand_last
+        self.dense_round64 = dense_round64
+        self.separate_stream_norms = separate_stream_norms
+        self.separate_stream_norms_first_layer = separate_stream_norms_first_layer
+        self.dense_prenorm = dense_prenorm
+        self.dense_postnorm = dense_postnorm
+        for name in self._POSITIVE_INT_FIELDS:
+            _check_positive_int(name, getattr(self, name))
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate_mudd()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        return int(self.attention_head_dim * self.rope_parameters.get("partial_rotary_factor", 1.0))
+
+    def ffn_width(self, layer_idx: int) -> int:
+        """FFN width of layer `layer_idx` (re-allocated across depth when `ffn_width_reallocation`)."""
+        if not self.ffn_width_reallocation:
+            return self.intermediate_size
+        return reallocated_ffn_width(self.intermediate_size, layer_idx, self.num_hidden_layers)
+
+    def uses_separate_stream_norms(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` has one pre-attention norm per q/k/v stream (else one shared norm)."""
+        return self.separate_stream_norms and (layer_idx > 0 or self.separate_stream_norms_first_layer)
+
+    # ------------------------------------------------------------------ validation
+    def validate_mudd(self) -> None:
+        """Raise `ValueError` naming the first invalid field."""
+        for name in self._POSITIVE_INT_FIELDS:
+            _check_positive_int(name, getattr(self, name))
+        if self.head_dim is not None:
+            _check_positive_int("head_dim", self.head_dim)
+        elif self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads}) unless `head_dim` is given"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_key_value_heads` ({self.num_key_value_heads}) must divide `num_attention_heads` "
+                f"({self.num_attention_heads})"
+            )
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            name = self.attribute_map.get("norm_eps", "norm_eps")
+            raise ValueError(f"`{name}` must be a positive number, got {self.norm_eps!r}")
+        if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
+            raise ValueError(f"`initializer_range` must be a non-negative number, got {self.initializer_range!r}")
+        _check_probability("attention_dropout", self.attention_dropout)
+        _check_probability("hidden_dropout", self.hidden_dropout)
+        for name in (
+            "use_cache", "tie_word_embeddings", "use_parallel_residual", "attention_bias", "mlp_bias", "use_qk_norm",
+            "ffn_width_reallocation", "dynamic_dense", "dense_expand_last", "dense_round64", "separate_stream_norms",
+            "separate_stream_norms_first_layer", "dense_prenorm", "dense_postnorm",
+        ):
+            _check_bool(name, getattr(self, name))
+        if self.dense_streams not in STREAM_NAMES:
+            raise ValueError(f"`dense_streams` must be one of {sorted(STREAM_NAMES)}, got {self.dense_streams!r}")
+        rope = self.rope_parameters or {}
+        theta = rope.get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+            raise ValueError(f"`rope_parameters['rope_theta']` must be a positive number, got {theta!r}")
+        factor = rope.get("partial_rotary_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 < factor <= 1.0:
+            raise ValueError(f"`rope_parameters['partial_rotary_factor']` must be in (0, 1], got {factor!r}")
+        if self.rotary_ndims < 2 or self.rotary_ndims % 2:
+            raise ValueError(
+                f"`rope_parameters['partial_rotary_factor']` ({factor}) times the head dim "
+                f"({self.attention_head_dim}) gives {self.rotary_ndims} rotary dims; it must be a positive even number"
+            )
+        for layer_idx in range(self.num_hidden_layers):
+            width = self.ffn_width(layer_idx)
+            if width <= 0:
+                raise ValueError(
+                    f"`intermediate_size` ({self.intermediate_size}) is too small for `ffn_width_reallocation`: "
+                    f"layer {layer_idx} would get an FFN of width {width}"
+                )

@@ -1,0 +1,504 @@
+"""The decoder machinery shared by MUDDPythia and MUDDFormer.
+
+What the two families share lives here: attention over separate q/k/v streams (qk-norm, partial rotary, GQA,
+KV cache), the block with its per-stream norms and parallel or sequential residual, the model loop that runs the
+dense connections between blocks, and the causal-LM head. What differs (norm type, FFN, biases, residual order)
+comes from the family's config and from the `norm_class` / `mlp_class` a family model sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .mudd import MUDDDenseConnections, MUDDRMSNorm, init_dense_connection_
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MUDDModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `dense_weights`: one `[batch, seq, C_i, i + 2]` tensor per block when
+    `output_dense_weights=True` (the mixing weights `a + b` of every dense connection, for analysis)."""
+
+    dense_weights: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class MUDDCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `dense_weights` (see `MUDDModelOutputWithPast`)."""
+
+    dense_weights: tuple[torch.Tensor, ...] | None = None
+
+
+class MUDDRotaryEmbedding(nn.Module):
+    """Rotary cos/sin for the first `rotary_ndims` dims of each head (GPT-NeoX "rotate half" layout).
+
+    Returns `(cos, sin)`, each `[batch, seq, rotary_ndims]` in the dtype of `x`.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        rope_init_fn = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.rotary_ndims
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of `x` (`[batch, heads, seq, head_dim]`), pass the rest through."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """`[batch, kv_heads, seq, head_dim]` -> `[batch, kv_heads * n_rep, seq, head_dim]`."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq, head_dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, seq, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask[:, :, :, : key.shape[-2]]
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class MUDDAttention(nn.Module):
+    """Causal self-attention whose query, key and value come from three different input streams."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.attention_head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        if config.use_qk_norm:
+            self.q_norm = MUDDRMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = MUDDRMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        query_input: torch.Tensor,
+        key_input: torch.Tensor,
+        value_input: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inputs `[batch, seq, hidden]` (already normed); returns `([batch, seq, hidden], attn weights or None)`."""
+        input_shape = query_input.shape[:-1]
+        query = self.q_proj(query_input).view(*input_shape, -1, self.head_dim)
+        key = self.k_proj(key_input).view(*input_shape, -1, self.head_dim)
+        value = self.v_proj(value_input).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        cos, sin = position_embeddings
+        query = apply_partial_rotary(query.transpose(1, 2), cos, sin)
+        key = apply_partial_rotary(key.transpose(1, 2), cos, sin)
+
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class MUDDDecoderLayer(GradientCheckpointingLayer):
+    """One block. It receives the streams the previous dense connection made: one tensor (block 0, or
+    `dense_streams="r"`), used as query, key, value and residual input, or four `(q, k, v, r)`.
+
+    Parallel residual: `out = R + attn(...) + mlp(mlp_norm(R))`; sequential: `h = R + attn(...)`,
+    `out = h + mlp(mlp_norm(h))`.
+    """
+
+    def __init__(self, config, layer_idx: int, norm_class: type[nn.Module], mlp: nn.Module):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.use_parallel_residual = config.use_parallel_residual
+        num_norms = 3 if config.uses_separate_stream_norms(layer_idx) else 1
+        self.attention_norms = nn.ModuleList(
+            norm_class(config.hidden_size, eps=config.norm_eps) for _ in range(num_norms)
+        )
+        self.self_attn = MUDDAttention(config, layer_idx)
+        self.mlp_norm = norm_class(config.hidden_size, eps=config.norm_eps)
+        self.mlp = mlp
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def _normed_attention_inputs(self, query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if len(self.attention_norms) == 1:
+            norm = self.attention_norms[0]
+            if query is key and key is value:
+                normed = norm(query)
+                return normed, normed, normed
+            return norm(query), norm(key), norm(value)
+        return tuple(norm(x) for norm, x in zip(self.attention_norms, (query, key, value)))
+
+    def forward(
+        self,
+        hidden_streams: tuple[torch.Tensor, ...],
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_streams`: 1 or 4 tensors `[batch, seq, hidden]`. Returns (`X_{i+1}` `[batch, seq, hidden]`,
+        attention weights or None)."""
+        if len(hidden_streams) == 1:
+            query = key = value = residual = hidden_streams[0]
+        elif len(hidden_streams) == 4:
+            query, key, value, residual = hidden_streams
+        else:
+            raise ValueError(f"block {self.layer_idx} expects 1 or 4 input streams, got {len(hidden_streams)}")
+        attn_output, attn_weights = self.self_attn(
+            *self._normed_attention_inputs(query, key, value),
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + self.dropout(attn_output)
+        mlp_input = residual if self.use_parallel_residual else hidden_states
+        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(mlp_input)))
+        return hidden_states, attn_weights
+
+
+class MUDDDecoderPreTrainedModel(PreTrainedModel):
+    """Weight init and capabilities common to the MUDD decoders. Family subclasses set `config_class`,
+    `norm_class`, `mlp_class` and `_no_split_modules`."""
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    norm_class: type[nn.Module] = nn.LayerNorm
+    mlp_class: type[nn.Module] | None = None
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MUDDRotaryEmbedding):
+            inv_freq, _ = module.compute_default_rope_parameters(module.config, device=module.inv_freq.device) if (
+                module.rope_type == "default"
+            ) else ROPE_INIT_FUNCTIONS[module.rope_type](module.config, module.inv_freq.device)
+            with torch.no_grad():
+                module.inv_freq.copy_(inv_freq)
+                module.original_inv_freq.copy_(inv_freq)
+        init_dense_connection_(module)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual; with remote code, `auto_map` covers AutoConfig, AutoModel and the task Auto class."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        module = self.__class__.__module__.split(".")[-1]
+        for auto_class, class_name in getattr(self, "_auto_map_entries", {}).items():
+            auto_map.setdefault(auto_class, f"{module}.{class_name}")
+        if auto_map:
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
+    """Embedding, `L` MUDD blocks with a dense connection after each, final norm.
+
+    Parameter layout: `embed_tokens`, `layers.{i}` (`attention_norms`, `self_attn`, `mlp_norm`, `mlp`),
+    `dense.layers.{i}` (`static_weights`, `proj_in`, `proj_out`), `norm`.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(
+            MUDDDecoderLayer(config, i, self.norm_class, self.mlp_class(config, config.ffn_width(i)))
+            for i in range(config.num_hidden_layers)
+        )
+        self.dense = MUDDDenseConnections(
+            config.hidden_size,
+            config.num_hidden_layers,
+            streams=config.dense_streams,
+            dynamic=config.dynamic_dense,
+            expand_last=config.dense_expand_last,
+            round64=config.dense_round64,
+            eps=config.norm_eps,
+            prenorm=config.dense_prenorm,
+            postnorm=config.dense_postnorm,
+        )
+        self.norm = self.norm_class(config.hidden_size, eps=config.norm_eps)
+        self.rotary_emb = MUDDRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_dense_weights: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MUDDModelOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids (`[batch, seq]`): token ids; or `inputs_embeds` (`[batch, seq, hidden]`), exactly one.
+            attention_mask (`[batch, past + seq]`): 1 for real tokens, 0 for padding (or a prepared 4D mask).
+            position_ids (`[batch, seq]`): default `past + arange(seq)`.
+            past_key_values (`Cache`): KV cache; a `DynamicCache` is created when `use_cache` and none is given.
+            output_hidden_states: return `(X_0, ..., X_{L-1}, final normed output)`, each `[batch, seq, hidden]`.
+            output_attentions: return each block's attention probabilities (eager attention only).
+            output_dense_weights: return each dense connection's weights `[batch, seq, C_i, i + 2]`.
+        """
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_dense_weights = bool(output_dense_weights)
+        return_dict = config.return_dict if return_dict is None else return_dict
+        use_cache = config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`.")
+            use_cache = False
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must be [batch, seq, {config.hidden_size}], got shape {tuple(inputs_embeds.shape)}"
+            )
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=config)
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        total_length = past_seen_tokens + inputs_embeds.shape[1]
+        if total_length > config.max_position_embeddings:
+            raise ValueError(
+                f"Input of {total_length} tokens (cache {past_seen_tokens} + new {inputs_embeds.shape[1]}) is longer "
+                f"than `max_position_embeddings` ({config.max_position_embeddings})"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+
+        hidden_states = self.embed_dropout(inputs_embeds)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        stack = self.dense.start(hidden_states)
+        streams: tuple[torch.Tensor, ...] = (hidden_states,)
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        all_dense_weights = [] if output_dense_weights else None
+
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            hidden_states, attn_weights = decoder_layer(
+                streams,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+            streams, dense_weights = self.dense(layer_idx, hidden_states, stack)
+            if output_hidden_states and layer_idx < len(self.layers) - 1:
+                all_hidden_states.append(hidden_states)
+            if output_attentions:
+                all_attentions.append(attn_weights)
+            if output_dense_weights:
+                all_dense_weights.append(dense_weights)
+
+        last_hidden_state = self.norm(streams[0])
+        if output_hidden_states:
+            all_hidden_states.append(last_hidden_state)
+
+        output = MUDDModelOutputWithPast(
+            last_hidden_state=last_hidden_state,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            dense_weights=tuple(all_dense_weights) if output_dense_weights else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class MUDDDecoderForCausalLM(MUDDDecoderPreTrainedModel, GenerationMixin):
+    """A MUDD decoder with an (untied by default) LM head. Family subclasses set `base_model_class`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    base_model_class: type[MUDDDecoderModel] = MUDDDecoderModel
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_dense_weights: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MUDDCausalLMOutputWithPast | tuple:
+        r"""
+        Args as in `MUDDDecoderModel.forward`, plus:
+            labels (`[batch, seq]`): targets for the shifted next-token cross-entropy (-100 = ignored);
+                they are the input ids themselves, the shift happens inside.
+            logits_to_keep (`int` or 1D index tensor): compute logits only for the last `n` positions (0 = all),
+                or for the given positions.
+
+        Returns `MUDDCausalLMOutputWithPast` with `logits` `[batch, kept positions, vocab]` and `loss` when labels.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_dense_weights=output_dense_weights,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        output = MUDDCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            dense_weights=outputs.dense_weights,
+        )
+        return output if return_dict else output.to_tuple()
