@@ -20,8 +20,6 @@ from torch.nn import functional as F
 
 
 STREAM_NAMES = {"qkvr": ("query", "key", "value", "residual"), "r": ("residual",)}
-# Device types with a fused `rms_norm` kernel: inference there normalises the generator's input in one launch.
-FUSED_RMS_NORM_DEVICES = {"cuda"}
 
 
 def dense_hidden_width(num_streams: int, num_states: int, is_last: bool, expand_last: bool, round64: bool) -> int:
@@ -256,15 +254,13 @@ class DepthAggregator(nn.Module):
         """`[batch, seq, hidden]` -> mixing weights `[batch, seq, C, i + 2]` (stream-major, as in the checkpoints)."""
         if self.proj_in is None:
             return self.static_weights.expand(*layer_output.shape[:-1], -1, -1)
-        training = torch.is_grad_enabled() and layer_output.requires_grad
-        if training or layer_output.device.type not in FUSED_RMS_NORM_DEVICES:
+        if torch.is_grad_enabled() and layer_output.requires_grad:
             # W1 . rmsnorm(x) = (W1 . x) / rms(x): the norm becomes one factor per position on the narrow hidden
-            # layer. x is read once instead of being normalised into a copy, and autograd keeps x (alive anyway)
-            # for backward instead of that copy.
+            # layer, so autograd keeps x (alive anyway) for backward instead of a normalised copy of it.
             scale = self.weight_norm.weight
             hidden = self.proj_in(layer_output if scale is None else layer_output * scale)
             hidden = hidden * self.weight_norm.inverse_rms(layer_output).to(hidden.dtype)
-        else:  # inference where `rms_norm` is one fused kernel: decoding is launch-bound there
+        else:  # inference: one `rms_norm` call (a single fused kernel on GPUs), as decoding is op-bound
             hidden = self.proj_in(self.weight_norm(layer_output))
         dynamic = self.proj_out(self.act(hidden))
         return dynamic.unflatten(-1, (self.num_streams, self.num_states)) + self.static_weights
