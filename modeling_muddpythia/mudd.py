@@ -23,8 +23,6 @@ from .mudd_triton import triton_aggregate_backward, triton_aggregate_forward, tr
 
 TRITON_MIN_POSITIONS = 256
 STREAM_NAMES = {"qkvr": ("query", "key", "value", "residual"), "r": ("residual",)}
-# Device types with a fused `rms_norm` kernel: inference there normalises the generator's input in one launch.
-FUSED_RMS_NORM_DEVICES = {"cuda"}
 
 
 def dense_hidden_width(num_streams: int, num_states: int, is_last: bool, expand_last: bool, round64: bool) -> int:
@@ -287,16 +285,14 @@ class DepthAggregator(nn.Module):
         if self.proj_in is None:
             return self.static_weights.expand(*layer_output.shape[:-1], -1, -1)
         training = torch.is_grad_enabled() and layer_output.requires_grad
-        autocast = torch.is_autocast_enabled(layer_output.device.type)
-        if not autocast and (training or layer_output.device.type not in FUSED_RMS_NORM_DEVICES):
+        if training and not torch.is_autocast_enabled(layer_output.device.type):
             # W1 . rmsnorm(x) = (W1 . x) / rms(x): the norm becomes one factor per position on the narrow hidden
-            # layer. x is read once instead of being normalised into a copy, and autograd keeps x (alive anyway)
-            # for backward instead of that copy. Not under autocast: a low-precision W1 . x on the unnormalised
-            # input measurably worsens the gradients there.
+            # layer, so autograd keeps x (alive anyway) for backward instead of a normalised copy of it. Not under
+            # autocast: a low-precision W1 . x on the unnormalised input measurably worsens the gradients there.
             scale = self.weight_norm.weight
             hidden = self.proj_in(layer_output if scale is None else layer_output * scale)
             hidden = hidden * self.weight_norm.inverse_rms(layer_output).to(hidden.dtype)
-        else:  # inference where `rms_norm` is one fused kernel: decoding is launch-bound there
+        else:  # inference: one `rms_norm` call (a single fused kernel on GPUs), as decoding is op-bound
             hidden = self.proj_in(self.weight_norm(layer_output))
         dynamic = self.proj_out(self.act(hidden))
         return dynamic.unflatten(-1, (self.num_streams, self.num_states)) + self.static_weights

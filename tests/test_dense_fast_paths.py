@@ -140,8 +140,7 @@ def test_static_cache_decode_step_compiles_in_one_graph():
 
 
 @pytest.mark.parametrize("prenorm", [False, True])
-def test_weight_generator_folded_and_fused_norm_paths_agree(prenorm, monkeypatch):
-    from modeling_muddpythia import mudd
+def test_weight_generator_training_and_inference_paths_agree(prenorm):
     from modeling_muddpythia.mudd import DepthAggregator
 
     torch.manual_seed(0)
@@ -150,11 +149,9 @@ def test_weight_generator_folded_and_fused_norm_paths_agree(prenorm, monkeypatch
         for param in aggregator.parameters():
             param.normal_()
     x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
-    folded = aggregator.compute_weights(x)
-    monkeypatch.setattr(mudd, "FUSED_RMS_NORM_DEVICES", {"cpu"})
+    folded = aggregator.compute_weights(x)  # autograd records: the norm is folded into the hidden layer
     with torch.no_grad():
-        normalised = aggregator.compute_weights(x)  # as CUDA inference runs it
-    assert torch.allclose(aggregator.compute_weights(x), folded)  # training always folds
+        normalised = aggregator.compute_weights(x)  # inference: the normalised input
     scale = aggregator.weight_norm.weight if prenorm else 1.0
     normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * scale
     hidden = torch.nn.functional.gelu(normed @ aggregator.proj_in.weight.T)
