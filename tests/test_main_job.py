@@ -151,3 +151,14 @@ def test_main_job_on_the_shipped_checkpoints(tmp_path):
 def test_main_job_without_checkpoints_says_how_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="mudd train-tiny"):
         run_main_job(output=tmp_path / "out", checkpoints=tmp_path / "nothing")
+
+
+def test_shipped_remote_code_is_the_package_code():
+    # the tiny MUDD checkpoint loads through trust_remote_code where the package is absent: its copy of our modules
+    # must be today's, not the one from the day it was trained
+    folder = CHECKPOINTS_DIR / MUDD_NAME
+    shipped = sorted(p.name for p in folder.glob("*.py"))
+    assert "mudd.py" in shipped and "mudd_triton.py" in shipped
+    package = Path(__file__).resolve().parent.parent / "modeling_muddpythia"
+    for name in shipped:
+        assert (folder / name).read_text() == (package / name).read_text(), f"{name} is stale: copy it from the package"

@@ -28,13 +28,26 @@ class MUDDDecoderConfig(PreTrainedConfig):
 
     The family configs expose their norm epsilon under the transformers name of their family
     (`layer_norm_eps` / `rms_norm_eps`); shared code reads it as `config.norm_eps`.
+
+    The MUDD options below have the same meaning and release defaults in every family:
+
+    Args:
+        use_qk_norm (`bool`, defaults to `True`): RMSNorm (learned scale, float32) on each head's query and key.
+        ffn_width_reallocation (`bool`, defaults to `True`): FFN width grows linearly with depth from 0.5x to 1.5x.
+        dense_streams (`str`, defaults to `"qkvr"`): `"qkvr"` makes four streams per block, `"r"` one.
+        dynamic_dense (`bool`, defaults to `True`): position-dependent dense weights (else static only).
+        dense_expand_last (`bool`, defaults to `True`): 4x wider weight generator after the last block.
+        dense_round64 (`bool`, defaults to `True`): generator widths rounded up to the next multiple of 64.
+        separate_stream_norms (`bool`, defaults to `True`): blocks > 0 have one pre-attention norm per q/k/v stream.
+        separate_stream_norms_first_layer (`bool`, defaults to `False`): block 0 has them too (MaxText layout).
+        dense_prenorm (`bool`, defaults to `False`): MaxText `mudd_prenorm`: every state `X_j` enters the aggregation
+            through its own learned-scale RMSNorm, and the weight generator's norm gets a learned scale.
+        dense_postnorm (`bool`, defaults to `False`): MaxText `mudd_postnorm`: the residual stream becomes
+            `X_{i+1} + rmsnorm(sum_j w[r, j] X_j)` (scale initialised to 0.001); the q/k/v streams stay plain sums.
+            With both on, the static weights `b_i` start at 0 instead of one-hot on the newest state.
     """
 
     keys_to_ignore_at_inference = ["past_key_values"]
-    _POSITIVE_INT_FIELDS = (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "intermediate_size", "max_position_embeddings",
-    )
 
     def __init__(
         self,
@@ -58,16 +71,16 @@ class MUDDDecoderConfig(PreTrainedConfig):
         attention_dropout: float,
         hidden_dropout: float,
         rope_parameters: dict | None,
-        use_qk_norm: bool,
-        ffn_width_reallocation: bool,
-        dense_streams: str,
-        dynamic_dense: bool,
-        dense_expand_last: bool,
-        dense_round64: bool,
-        separate_stream_norms: bool,
-        separate_stream_norms_first_layer: bool,
-        dense_prenorm: bool,
-        dense_postnorm: bool,
+        use_qk_norm: bool = True,
+        ffn_width_reallocation: bool = True,
+        dense_streams: str = "qkvr",
+        dynamic_dense: bool = True,
+        dense_expand_last: bool = True,
+        dense_round64: bool = True,
+        separate_stream_norms: bool = True,
+        separate_stream_norms_first_layer: bool = False,
+        dense_prenorm: bool = False,
+        dense_postnorm: bool = False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -99,8 +112,8 @@ class MUDDDecoderConfig(PreTrainedConfig):
         self.separate_stream_norms_first_layer = separate_stream_norms_first_layer
         self.dense_prenorm = dense_prenorm
         self.dense_postnorm = dense_postnorm
-        for name in self._POSITIVE_INT_FIELDS:
-            _check_positive_int(name, getattr(self, name))
+        # Sizes first: the base class compares token ids with `vocab_size` and would fail obscurely on a bad one.
+        self._validate_sizes()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_mudd()
 
@@ -124,10 +137,16 @@ class MUDDDecoderConfig(PreTrainedConfig):
         return self.separate_stream_norms and (layer_idx > 0 or self.separate_stream_norms_first_layer)
 
     # ------------------------------------------------------------------ validation
+    def _validate_sizes(self) -> None:
+        for name in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "max_position_embeddings",
+        ):
+            _check_positive_int(name, getattr(self, name))
+
     def validate_mudd(self) -> None:
         """Raise `ValueError` naming the first invalid field."""
-        for name in self._POSITIVE_INT_FIELDS:
-            _check_positive_int(name, getattr(self, name))
+        self._validate_sizes()
         if self.head_dim is not None:
             _check_positive_int("head_dim", self.head_dim)
         elif self.hidden_size % self.num_attention_heads != 0:
@@ -143,7 +162,7 @@ class MUDDDecoderConfig(PreTrainedConfig):
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
-            name = self.attribute_map.get("norm_eps", "norm_eps")
+            name = self.attribute_map.get("norm_eps", "norm_eps")  # the family's public name for it
             raise ValueError(f"`{name}` must be a positive number, got {self.norm_eps!r}")
         if isinstance(self.initializer_range, bool) or not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
             raise ValueError(f"`initializer_range` must be a non-negative number, got {self.initializer_range!r}")

@@ -31,16 +31,9 @@ class MUDDPythiaConfig(MUDDDecoderConfig):
             outputs and embeddings.
         rope_parameters (`dict`, *optional*): transformers RoPE parameters; defaults to
             `{"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}`.
-        use_qk_norm (`bool`, defaults to `True`): RMSNorm (learned scale, float32) on each head's query and key.
-        ffn_width_reallocation (`bool`, defaults to `True`): FFN width grows linearly with depth from 0.5x to 1.5x.
-        dense_streams (`str`, defaults to `"qkvr"`): `"qkvr"` makes four streams per block, `"r"` one.
-        dynamic_dense (`bool`, defaults to `True`): position-dependent dense weights (else static only).
-        dense_expand_last (`bool`, defaults to `True`): 4x wider weight generator after the last block.
-        dense_round64 (`bool`, defaults to `True`): generator widths rounded up to the next multiple of 64.
-        separate_stream_norms (`bool`, defaults to `True`): blocks > 0 have one pre-attention norm per q/k/v stream.
-        separate_stream_norms_first_layer (`bool`, defaults to `False`): block 0 has them too (MaxText layout).
-        dense_prenorm / dense_postnorm (`bool`, defaults to `False`): the JAX training code's `mudd_prenorm` /
-            `mudd_postnorm` options (off in the releases).
+        MUDD options (`use_qk_norm`, `ffn_width_reallocation`, `dense_streams`, `dynamic_dense`, `dense_expand_last`,
+            `dense_round64`, `separate_stream_norms`, `separate_stream_norms_first_layer`, `dense_prenorm`,
+            `dense_postnorm`): keyword arguments documented in `MUDDDecoderConfig`, defaults = the release.
     """
 
     model_type = "muddpythia"
@@ -69,16 +62,6 @@ class MUDDPythiaConfig(MUDDDecoderConfig):
         rope_parameters: dict | None = None,
         rope_theta: float = 10000.0,
         partial_rotary_factor: float = 0.25,
-        use_qk_norm: bool = True,
-        ffn_width_reallocation: bool = True,
-        dense_streams: str = "qkvr",
-        dynamic_dense: bool = True,
-        dense_expand_last: bool = True,
-        dense_round64: bool = True,
-        separate_stream_norms: bool = True,
-        separate_stream_norms_first_layer: bool = False,
-        dense_prenorm: bool = False,
-        dense_postnorm: bool = False,
         bos_token_id: int | None = 0,
         eos_token_id: int | None = 0,
         pad_token_id: int | None = None,
@@ -106,16 +89,6 @@ class MUDDPythiaConfig(MUDDDecoderConfig):
             rope_parameters=rope_parameters,
             rope_theta=rope_theta,
             partial_rotary_factor=partial_rotary_factor,
-            use_qk_norm=use_qk_norm,
-            ffn_width_reallocation=ffn_width_reallocation,
-            dense_streams=dense_streams,
-            dynamic_dense=dynamic_dense,
-            dense_expand_last=dense_expand_last,
-            dense_round64=dense_round64,
-            separate_stream_norms=separate_stream_norms,
-            separate_stream_norms_first_layer=separate_stream_norms_first_layer,
-            dense_prenorm=dense_prenorm,
-            dense_postnorm=dense_postnorm,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,

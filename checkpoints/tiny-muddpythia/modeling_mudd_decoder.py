@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.utils import is_torchdynamo_compiling, logging
 
 from .mudd import MUDDDenseConnections, MUDDRMSNorm, init_dense_connection_
 
@@ -46,7 +46,9 @@ class MUDDCausalLMOutputWithPast(CausalLMOutputWithPast):
 class MUDDRotaryEmbedding(nn.Module):
     """Rotary cos/sin for the first `rotary_ndims` dims of each head (GPT-NeoX "rotate half" layout).
 
-    Returns `(cos, sin)`, each `[batch, seq, rotary_ndims]` in the dtype of `x`.
+    Returns `(cos, signed_sin)`, each `[batch, 1, seq, rotary_ndims]` (broadcasting over heads) in the dtype of `x`;
+    the first half of `signed_sin` is negated so that a rotation is `x * cos + roll(x, half) * signed_sin`
+    (see `apply_partial_rotary`). Computed once per forward, which keeps these ops out of every layer.
     """
 
     def __init__(self, config):
@@ -72,25 +74,24 @@ class MUDDRotaryEmbedding(nn.Module):
     @torch.no_grad()
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        cos = freqs.cos() * self.attention_scaling
+        sin = freqs.sin() * self.attention_scaling
+        return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((-sin, sin), dim=-1).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of `x` (`[batch, heads, seq, head_dim]`), pass the rest through.
 
-
-def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dims of `x` (`[batch, heads, seq, head_dim]`), pass the rest through."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    With `signed_sin` from `MUDDRotaryEmbedding`, `roll(x, half) * signed_sin` equals the usual
+    `rotate_half(x) * sin = cat(-x2, x1) * sin` exactly, in three kernels instead of six.
+    """
     rotary_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    x_rot = x_rot * cos + rotate_half(x_rot) * sin
-    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+    if rotary_dim == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(rotary_dim // 2, -1), signed_sin)
+    x_rot = x[..., :rotary_dim]
+    x_rot = torch.addcmul(x_rot * cos, x_rot.roll(rotary_dim // 2, -1), signed_sin)
+    return torch.cat((x_rot, x[..., rotary_dim:]), dim=-1)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -117,10 +118,42 @@ def eager_attention_forward(
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask[:, :, :, : key.shape[-2]]
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    # At least float32; float64 stays float64, where the mask's finfo(float64).min would be -inf in float32 and
+    # turn fully masked (padding) rows into NaN.
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+def attend_and_project(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    attn_implementation: str,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of `[batch, heads, seq, head_dim]` query/key/value with `attn_implementation`, then `module.o_proj`.
+
+    `module` gives `scaling`, `attention_dropout`, `num_key_value_groups`, `is_causal` and `o_proj`. Returns
+    (`[batch, seq, hidden]`, probabilities `[batch, heads, seq, kv_seq]` or None).
+    """
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=module.attention_dropout if module.training else 0.0,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(*attn_output.shape[:2], -1).contiguous()
+    return module.o_proj(attn_output), attn_weights
 
 
 class MUDDAttention(nn.Module):
@@ -172,21 +205,7 @@ class MUDDAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        return attend_and_project(self, query, key, value, attention_mask, self.config._attn_implementation, **kwargs)
 
 
 class MUDDDecoderLayer(GradientCheckpointingLayer):
@@ -195,9 +214,14 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
 
     Parallel residual: `out = R + attn(...) + mlp(mlp_norm(R))`; sequential: `h = R + attn(...)`,
     `out = h + mlp(mlp_norm(h))`.
+
+    `attention` replaces the causal rotary `MUDDAttention` (MUDDViT passes its bidirectional attention); it is called
+    as `attention(q, k, v, attention_mask=, position_embeddings=, past_key_values=, **kwargs)`.
     """
 
-    def __init__(self, config, layer_idx: int, norm_class: type[nn.Module], mlp: nn.Module):
+    def __init__(
+        self, config, layer_idx: int, norm_class: type[nn.Module], mlp: nn.Module, attention: nn.Module | None = None
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.use_parallel_residual = config.use_parallel_residual
@@ -205,7 +229,7 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
         self.attention_norms = nn.ModuleList(
             norm_class(config.hidden_size, eps=config.norm_eps) for _ in range(num_norms)
         )
-        self.self_attn = MUDDAttention(config, layer_idx)
+        self.self_attn = MUDDAttention(config, layer_idx) if attention is None else attention
         self.mlp_norm = norm_class(config.hidden_size, eps=config.norm_eps)
         self.mlp = mlp
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -248,7 +272,62 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
-class MUDDDecoderPreTrainedModel(PreTrainedModel):
+def run_mudd_blocks(
+    layers: nn.ModuleList,
+    dense: MUDDDenseConnections,
+    hidden_states: torch.Tensor,
+    *,
+    collect_hidden_states: bool = False,
+    collect_attentions: bool = False,
+    collect_dense_weights: bool = False,
+    **layer_kwargs,
+) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
+    """Run MUDD blocks from `X_0` `[batch, seq, hidden]`, each followed by its dense connection.
+
+    `layer_kwargs` go to every block. Returns the last dense connection's single stream `[batch, seq, hidden]`
+    (what the final norm reads) and, when collected, `(X_0, ..., X_L)`, the blocks' attention weights and the
+    dense connections' weights `[batch, seq, C_i, i + 2]`, else None for each.
+    """
+    stack = dense.start(hidden_states)
+    streams: tuple[torch.Tensor, ...] = (hidden_states,)
+    all_hidden_states = [hidden_states] if collect_hidden_states else None
+    all_attentions = [] if collect_attentions else None
+    all_dense_weights = [] if collect_dense_weights else None
+    for layer_idx, layer in enumerate(layers):
+        hidden_states, attn_weights = layer(streams, **layer_kwargs)
+        streams, dense_weights = dense(layer_idx, hidden_states, stack)
+        if collect_hidden_states:
+            all_hidden_states.append(hidden_states)
+        if collect_attentions:
+            all_attentions.append(attn_weights)
+        if collect_dense_weights:
+            all_dense_weights.append(dense_weights)
+    return (
+        streams[0],
+        tuple(all_hidden_states) if collect_hidden_states else None,
+        tuple(all_attentions) if collect_attentions else None,
+        tuple(all_dense_weights) if collect_dense_weights else None,
+    )
+
+
+class MUDDAutoMapMixin:
+    """For a `PreTrainedModel` of a MUDD family: `save_pretrained` writes an `auto_map` covering every Auto class in
+    the family's `_auto_map_entries` (`register_for_auto_class` records only one per class)."""
+
+    _auto_map_entries: dict[str, str] = {}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual; with remote code, `auto_map` covers AutoConfig, AutoModel and the task Auto class."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        module = self.__class__.__module__.split(".")[-1]
+        for auto_class, class_name in self._auto_map_entries.items():
+            auto_map.setdefault(auto_class, f"{module}.{class_name}")
+        if auto_map:
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MUDDDecoderPreTrainedModel(MUDDAutoMapMixin, PreTrainedModel):
     """Weight init and capabilities common to the MUDD decoders. Family subclasses set `config_class`,
     `norm_class`, `mlp_class` and `_no_split_modules`."""
 
@@ -274,16 +353,6 @@ class MUDDDecoderPreTrainedModel(PreTrainedModel):
                 module.original_inv_freq.copy_(inv_freq)
         init_dense_connection_(module)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual; with remote code, `auto_map` covers AutoConfig, AutoModel and the task Auto class."""
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        module = self.__class__.__module__.split(".")[-1]
-        for auto_class, class_name in getattr(self, "_auto_map_entries", {}).items():
-            auto_map.setdefault(auto_class, f"{module}.{class_name}")
-        if auto_map:
-            self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
 
 class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
     """Embedding, `L` MUDD blocks with a dense connection after each, final norm.
@@ -301,17 +370,7 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
             MUDDDecoderLayer(config, i, self.norm_class, self.mlp_class(config, config.ffn_width(i)))
             for i in range(config.num_hidden_layers)
         )
-        self.dense = MUDDDenseConnections(
-            config.hidden_size,
-            config.num_hidden_layers,
-            streams=config.dense_streams,
-            dynamic=config.dynamic_dense,
-            expand_last=config.dense_expand_last,
-            round64=config.dense_round64,
-            eps=config.norm_eps,
-            prenorm=config.dense_prenorm,
-            postnorm=config.dense_postnorm,
-        )
+        self.dense = MUDDDenseConnections.from_config(config, eps=config.norm_eps)
         self.norm = self.norm_class(config.hidden_size, eps=config.norm_eps)
         self.rotary_emb = MUDDRotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -319,6 +378,23 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
+
+    def _check_input_length(self, past_key_values: Cache | None, past_seen_tokens, new_tokens: int) -> None:
+        """Raise when the cached plus the new tokens exceed `max_position_embeddings`.
+
+        Static caches count their length in a device tensor: reading it would sync with the device at every step and
+        break `torch.compile(fullgraph=True)`, so their fixed capacity is checked instead when it is within the limit.
+        """
+        limit = self.config.max_position_embeddings
+        if isinstance(past_seen_tokens, torch.Tensor):
+            if 0 <= past_key_values.get_max_length() <= limit or is_torchdynamo_compiling():
+                return
+            past_seen_tokens = int(past_seen_tokens)
+        if past_seen_tokens + new_tokens > limit:
+            raise ValueError(
+                f"Input of {past_seen_tokens + new_tokens} tokens (cache {past_seen_tokens} + new {new_tokens}) is "
+                f"longer than `max_position_embeddings` ({limit})"
+            )
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
@@ -371,12 +447,7 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-        total_length = past_seen_tokens + inputs_embeds.shape[1]
-        if total_length > config.max_position_embeddings:
-            raise ValueError(
-                f"Input of {total_length} tokens (cache {past_seen_tokens} + new {inputs_embeds.shape[1]}) is longer "
-                f"than `max_position_embeddings` ({config.max_position_embeddings})"
-            )
+        self._check_input_length(past_key_values, past_seen_tokens, inputs_embeds.shape[1])
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
@@ -391,38 +462,28 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
 
         hidden_states = self.embed_dropout(inputs_embeds)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        stack = self.dense.start(hidden_states)
-        streams: tuple[torch.Tensor, ...] = (hidden_states,)
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        all_attentions = [] if output_attentions else None
-        all_dense_weights = [] if output_dense_weights else None
-
-        for layer_idx, decoder_layer in enumerate(self.layers):
-            hidden_states, attn_weights = decoder_layer(
-                streams,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
-                **kwargs,
-            )
-            streams, dense_weights = self.dense(layer_idx, hidden_states, stack)
-            if output_hidden_states and layer_idx < len(self.layers) - 1:
-                all_hidden_states.append(hidden_states)
-            if output_attentions:
-                all_attentions.append(attn_weights)
-            if output_dense_weights:
-                all_dense_weights.append(dense_weights)
-
-        last_hidden_state = self.norm(streams[0])
-        if output_hidden_states:
-            all_hidden_states.append(last_hidden_state)
+        last_stream, all_hidden_states, all_attentions, all_dense_weights = run_mudd_blocks(
+            self.layers,
+            self.dense,
+            hidden_states,
+            collect_hidden_states=output_hidden_states,
+            collect_attentions=output_attentions,
+            collect_dense_weights=output_dense_weights,
+            attention_mask=causal_mask,
+            position_embeddings=position_embeddings,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        last_hidden_state = self.norm(last_stream)
+        if output_hidden_states:  # the decoders report the final-normed output in place of X_L
+            all_hidden_states = (*all_hidden_states[:-1], last_hidden_state)
 
         output = MUDDModelOutputWithPast(
             last_hidden_state=last_hidden_state,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-            dense_weights=tuple(all_dense_weights) if output_dense_weights else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            dense_weights=all_dense_weights,
         )
         return output if return_dict else output.to_tuple()
 

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from .mudd_triton import triton_aggregate_backward, triton_aggregate_forward, triton_aggregation_available
 
 
+TRITON_MIN_POSITIONS = 256
 STREAM_NAMES = {"qkvr": ("query", "key", "value", "residual"), "r": ("residual",)}
 
 
@@ -58,80 +62,176 @@ class MUDDRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = (hidden_states * torch.rsqrt(variance + self.eps)).to(input_dtype)
+        # `rms_norm` normalises in float32 (float64 stays float64) and returns the input dtype; on GPUs it is one
+        # fused kernel. The scale multiplies the rounded result, as in the released models.
+        hidden_states = F.rms_norm(hidden_states, hidden_states.shape[-1:], eps=self.eps)
         if self.weight is None:
             return hidden_states
         return self.weight * hidden_states
+
+    def inverse_rms(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`1 / sqrt(mean(x^2) + eps)` of each row, `[..., 1]`, in (at least) float32."""
+        norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True)  # accumulates in float32 or better
+        norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
+        return torch.rsqrt(norm.square() / hidden_states.shape[-1] + self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, elementwise_affine={self.weight is not None}"
 
 
+class _StateStorage:
+    """The autograd-free part of a `DenseStateStack`: what the backward nodes keep. (Keeping the stack itself, which
+    holds the state tensors, would tie the graph into a reference cycle and keep every activation alive until the
+    garbage collector runs.)
+
+    `buffer` `[batch, seq, capacity, hidden]` holds each state once. In backward, every aggregation adds the
+    gradients of the states it read into one accumulator of the same shape, which is zeroed at its first use in
+    each backward pass (autograd numbers its passes), so repeated or partial passes never see each other's sums.
+    """
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self._gradient: torch.Tensor | None = None
+        self._gradient_pass: int | None = None
+
+    def gradient_accumulator(self) -> torch.Tensor:
+        backward_pass = torch._C._current_graph_task_id()
+        if self._gradient_pass != backward_pass:
+            self._gradient = torch.zeros_like(self.buffer)
+            self._gradient_pass = backward_pass
+        return self._gradient
+
+    def accumulated_gradient(self, index: int) -> torch.Tensor | None:
+        """What the aggregations of the running backward pass added for state `index` (None if none ran)."""
+        if self._gradient_pass != torch._C._current_graph_task_id():
+            return None
+        return self._gradient[:, :, index]
+
+
 class DenseStateStack:
     """The states `X_0 .. X_j` seen so far in one forward pass.
 
-    They are kept twice without copying more than once: `buffer` (`[batch, seq, capacity, hidden]`, written once
-    per state) lets every aggregation read all earlier states with one batched matmul instead of re-stacking
-    them at each layer; `states` keeps the autograd-tracked tensors so that gradients reach each block.
+    Each state is written once into `storage.buffer` (`[batch, seq, capacity, hidden]`), from which every
+    aggregation reads all earlier states with one kernel instead of re-stacking them at each layer. `states` keeps
+    the autograd-tracked tensors; each passes through `_StateGradient`, which hands its state, in backward, the
+    gradient that all aggregations added into the storage's accumulator, instead of each aggregation producing `J`
+    separate gradients that autograd then sums state by state (O(L^2) tensors of the states' size).
     """
 
     def __init__(self, first_state: torch.Tensor, capacity: int, device: torch.device | None = None):
         batch_size, seq_length, hidden_size = first_state.shape
-        self.buffer = first_state.new_empty(
-            batch_size, seq_length, capacity, hidden_size, device=device or first_state.device
-        )
+        buffer = first_state.new_empty(batch_size, seq_length, capacity, hidden_size, device=device or first_state.device)
+        self.storage = _StateStorage(buffer)
         self.states: list[torch.Tensor] = []
+        self.requires_grad = False  # whether any state does: then the aggregations route gradients to them
         self.append(first_state)
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self.storage.buffer
+
     def append(self, state: torch.Tensor) -> None:
-        if len(self.states) >= self.buffer.shape[2]:
+        index = len(self.states)
+        if index >= self.buffer.shape[2]:
             raise RuntimeError(f"DenseStateStack holds at most {self.buffer.shape[2]} states")
-        self.buffer[:, :, len(self.states)] = state.detach()
+        if state.device != self.buffer.device:
+            state = state.to(self.buffer.device)
+        self.buffer.select(2, index).copy_(state.detach())
+        if state.requires_grad and torch.is_grad_enabled():
+            state = _StateGradient.apply(state, self.storage, index)
+            self.requires_grad = True
         self.states.append(state)
 
     def __len__(self) -> int:
         return len(self.states)
 
 
-class _DepthAggregate(torch.autograd.Function):
-    """`out[b, t, c] = sum_j weights[b, t, c, j] * buffer[b, t, j]` with gradients routed to each state.
+class _StateGradient(torch.autograd.Function):
+    """Identity on a state; in backward, adds what the aggregations accumulated for it.
 
-    The states are read from the shared buffer in forward and backward, so nothing of size `[.., J, hidden]`
-    is saved per layer (a naive stack + einsum keeps O(L^2) activations alive for backward).
+    The aggregations take this node's output as input, so autograd runs it only after all of them: the sum is
+    complete.
     """
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, buffer: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
-        num_states = len(states)
+    def forward(ctx, state: torch.Tensor, storage: _StateStorage, index: int) -> torch.Tensor:
+        ctx.storage, ctx.index = storage, index
+        ctx.set_materialize_grads(False)  # the aggregations return no gradient of their own for it
+        return state.view_as(state)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        accumulated = ctx.storage.accumulated_gradient(ctx.index)
+        if accumulated is None or grad is None:
+            return (grad if accumulated is None else accumulated), None, None
+        return grad + accumulated, None, None
+
+
+class _DepthAggregate(torch.autograd.Function):
+    """`streams[c] = sum_j weights[..., c, j] * X_j` over the first `J` states of a `DenseStateStack`.
+
+    Nothing of size `[.., J, hidden]` is saved per layer: the states are read back from the storage's buffer
+    (later layers only write slots >= J), and their gradients go into its accumulator (see `_StateGradient`). The
+    states are inputs only so that autograd orders each state's `_StateGradient` after all of its aggregations.
+    On CUDA the work is done by the Triton kernels of `mudd_triton.py`; elsewhere by batched matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, storage: _StateStorage, *states: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weights)
-        # Later layers only write to slots >= num_states, so this prefix is unchanged at backward time.
-        ctx.buffer = buffer
-        ctx.num_states = num_states
-        return torch.matmul(weights, buffer[:, :, :num_states])
+        ctx.storage = storage
+        ctx.num_states = len(states)
+        return _aggregate_forward(weights, storage.buffer, len(states))
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (weights,) = ctx.saved_tensors
-        history = ctx.buffer[:, :, : ctx.num_states]
-        grad_weights = torch.matmul(grad_output, history.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
-        grad_history = torch.matmul(weights.transpose(-1, -2), grad_output)
-        return (grad_weights, None, *grad_history.unbind(2))
+        storage, num_states = ctx.storage, ctx.num_states
+        if any(ctx.needs_input_grad[2:]):
+            grad_weights = _aggregate_backward(
+                weights, storage.buffer, storage.gradient_accumulator(), grad_output, num_states
+            )
+        else:  # only the weights need a gradient
+            history = storage.buffer[:, :, :num_states]
+            grad_weights = torch.matmul(grad_output.movedim(0, 2), history.transpose(-1, -2))
+        return (grad_weights if ctx.needs_input_grad[0] else None, None, *([None] * num_states))
 
 
-def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> torch.Tensor:
-    """Mix the states of `stack`: `weights` `[batch, seq, C, J]` -> streams `[batch, seq, C, hidden]`."""
+def _use_triton(weights: torch.Tensor, buffer: torch.Tensor) -> bool:
+    # The Triton kernels pay off for prefill and training; for a few decode positions their launch costs more.
+    return weights.shape[0] * weights.shape[1] >= TRITON_MIN_POSITIONS and triton_aggregation_available(buffer)
+
+
+def _aggregate_forward(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
+    """-> streams stream-major, `[C, batch, seq, hidden]`."""
+    if _use_triton(weights, buffer):
+        return triton_aggregate_forward(weights, buffer, num_states)
+    return torch.matmul(weights, buffer[:, :, :num_states]).movedim(2, 0)
+
+
+def _aggregate_backward(weights, buffer, grad_buffer, grad_output, num_states) -> torch.Tensor:
+    """Add each state's gradient into `grad_buffer[:, :, :J]` and return the weights' gradient `[b, t, C, J]`."""
+    if _use_triton(weights, buffer):
+        return triton_aggregate_backward(weights, buffer, grad_buffer, grad_output, num_states)
+    grad_output = grad_output.movedim(0, 2)  # [batch, seq, C, hidden]
+    history = buffer[:, :, :num_states]
+    grad_buffer[:, :, :num_states] += torch.matmul(weights.transpose(-1, -2), grad_output)
+    return torch.matmul(grad_output, history.transpose(-1, -2))
+
+
+def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> tuple[torch.Tensor, ...]:
+    """Mix the states of `stack` with `weights` `[batch, seq, C, J]` into C streams, each `[batch, seq, hidden]`."""
     num_states = len(stack)
     if weights.shape[-1] != num_states:
         raise ValueError(f"dense weights cover {weights.shape[-1]} states but {num_states} were produced")
-    weights = weights.to(stack.buffer.dtype)
-    needs_grad = torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in stack.states))
-    if not needs_grad:
-        return torch.matmul(weights, stack.buffer[:, :, :num_states])
-    states = [s.to(stack.buffer.device) for s in stack.states]
-    return _DepthAggregate.apply(weights, stack.buffer, *states)
+    weights = weights.to(stack.buffer.dtype).contiguous()
+    # Under autocast the states are mixed in their own dtype, like a residual add (float32 under bf16 autocast):
+    # autocast would also give `_DepthAggregate` a low-precision output whose gradient no longer matches the
+    # float32 states in its backward.
+    with torch.autocast(stack.buffer.device.type, enabled=False):
+        if torch.is_grad_enabled() and (weights.requires_grad or stack.requires_grad):
+            return _DepthAggregate.apply(weights, stack.storage, *stack.states).unbind(0)
+        return _aggregate_forward(weights, stack.buffer, num_states).unbind(0)
 
 
 class DepthAggregator(nn.Module):
@@ -184,7 +284,17 @@ class DepthAggregator(nn.Module):
         """`[batch, seq, hidden]` -> mixing weights `[batch, seq, C, i + 2]` (stream-major, as in the checkpoints)."""
         if self.proj_in is None:
             return self.static_weights.expand(*layer_output.shape[:-1], -1, -1)
-        dynamic = self.proj_out(self.act(self.proj_in(self.weight_norm(layer_output))))
+        training = torch.is_grad_enabled() and layer_output.requires_grad
+        if training and not torch.is_autocast_enabled(layer_output.device.type):
+            # W1 . rmsnorm(x) = (W1 . x) / rms(x): the norm becomes one factor per position on the narrow hidden
+            # layer, so autograd keeps x (alive anyway) for backward instead of a normalised copy of it. Not under
+            # autocast: a low-precision W1 . x on the unnormalised input measurably worsens the gradients there.
+            scale = self.weight_norm.weight
+            hidden = self.proj_in(layer_output if scale is None else layer_output * scale)
+            hidden = hidden * self.weight_norm.inverse_rms(layer_output).to(hidden.dtype)
+        else:  # inference: one `rms_norm` call (a single fused kernel on GPUs), as decoding is op-bound
+            hidden = self.proj_in(self.weight_norm(layer_output))
+        dynamic = self.proj_out(self.act(hidden))
         return dynamic.unflatten(-1, (self.num_streams, self.num_states)) + self.static_weights
 
     def forward(self, layer_output: torch.Tensor, stack: DenseStateStack) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -195,11 +305,10 @@ class DepthAggregator(nn.Module):
         Returns the `C` streams for the next block (each `[batch, seq, hidden]`) and the weights `[batch, seq, C, i+2]`.
         """
         weights = self.compute_weights(layer_output)
-        mixed = aggregate_states(weights, stack)
-        streams = list(mixed.unbind(2))
+        streams = aggregate_states(weights, stack)
         if self.post_norm is not None:
-            streams[-1] = layer_output + self.post_norm(streams[-1]).to(layer_output.dtype)
-        return tuple(streams), weights
+            streams = (*streams[:-1], layer_output + self.post_norm(streams[-1]).to(layer_output.dtype))
+        return streams, weights
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, num_streams={self.num_streams}, num_states={self.num_states}"
@@ -238,6 +347,21 @@ class MUDDDenseConnections(nn.Module):
         # mudd_prenorm: X_j enters the aggregation as rmsnorm_j(X_j), one learned scale per depth j = 0..L.
         self.state_norms = (
             nn.ModuleList(MUDDRMSNorm(hidden_size, eps) for _ in range(num_layers + 1)) if prenorm else None
+        )
+
+    @classmethod
+    def from_config(cls, config, eps: float) -> "MUDDDenseConnections":
+        """Build from a MUDD family config's `dense_*` fields (`dense_prenorm`/`dense_postnorm` where it has them)."""
+        return cls(
+            config.hidden_size,
+            config.num_hidden_layers,
+            streams=config.dense_streams,
+            dynamic=config.dynamic_dense,
+            expand_last=config.dense_expand_last,
+            round64=config.dense_round64,
+            eps=eps,
+            prenorm=getattr(config, "dense_prenorm", False),
+            postnorm=getattr(config, "dense_postnorm", False),
         )
 
     def _as_state(self, depth: int, hidden_states: torch.Tensor) -> torch.Tensor:
