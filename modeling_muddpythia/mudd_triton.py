@@ -1,9 +1,14 @@
-"""Triton kernels for the depth aggregation on CUDA.
+"""Triton kernels for the depth aggregation on CUDA, as `torch.library` custom ops.
 
 `Y[c, p] = sum_j W[p, c, j] * X[p, j]` per position `p` is a batch of tiny matrix products (C <= 4 rows, J <= L+1
 columns). cuBLAS runs it 4-15x slower than the memory-bandwidth limit (measured on an H100, 1.4B shape), so on CUDA
 we use these kernels: one program per position (and hidden block), a loop over the states, float32 accumulation.
 The output is stream-major `[C, batch, seq, hidden]`, so each stream is contiguous for the norms that follow.
+
+The kernels enter PyTorch as the custom ops `mudd::aggregate` and `mudd::aggregate_backward_` (with fake
+implementations, so that tracing sees their shapes). Eager training and prefill on CUDA use them; compiled models
+use the plain formulation of `mudd.functional_aggregate`, which the compiler fuses with the surrounding norms. Off
+CUDA (or without Triton) the ops run the same arithmetic as batched matmuls, which is what their tests check.
 """
 
 from __future__ import annotations
@@ -71,7 +76,17 @@ if triton is not None:
             tl.atomic_add(grad_weights + position * stride_wp + offs_c * stride_wc + j, partial, mask=mask_c)
 
 
-def triton_aggregate_forward(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
+def _aggregate_reference(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
+    return torch.matmul(weights, buffer[:, :, :num_states]).movedim(2, 0).contiguous()
+
+
+def _aggregate_backward_reference(weights, buffer, grad_buffer, grad_streams, num_states) -> torch.Tensor:
+    grad_streams = grad_streams.movedim(0, 2)
+    grad_buffer[:, :, :num_states] += torch.matmul(weights.transpose(-1, -2), grad_streams)
+    return torch.matmul(grad_streams, buffer[:, :, :num_states].transpose(-1, -2))
+
+
+def _triton_aggregate(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
     """`weights` `[batch, seq, C, J]` (contiguous), `buffer` `[batch, seq, capacity, hidden]` ->
     streams `[C, batch, seq, hidden]`."""
     batch, seq, num_streams, _ = weights.shape
@@ -91,19 +106,84 @@ def triton_aggregate_forward(weights: torch.Tensor, buffer: torch.Tensor, num_st
     return out
 
 
-def triton_aggregate_backward(
-    weights: torch.Tensor, buffer: torch.Tensor, grad_buffer: torch.Tensor, grad_out: torch.Tensor, num_states: int
-) -> torch.Tensor:
-    """Add the states' gradients into `grad_buffer` (same layout as `buffer`); return the weights' gradient."""
-    grad_out = grad_out.contiguous()
+def _triton_aggregate_backward(weights, buffer, grad_buffer, grad_streams, num_states) -> torch.Tensor:
+    grad_streams = grad_streams.contiguous()
     batch, seq, num_streams, _ = weights.shape
     hidden = buffer.shape[-1]
     positions = batch * seq
     grad_weights = torch.zeros(weights.shape, device=weights.device, dtype=torch.float32)
     block_d = min(512, triton.next_power_of_2(hidden))
     _aggregate_backward_kernel[(positions, triton.cdiv(hidden, block_d))](
-        weights, buffer, grad_out, grad_buffer, grad_weights, num_states, hidden,
-        weights.stride(1), weights.stride(2), buffer.stride(1), buffer.stride(2), grad_out.stride(0), hidden,
+        weights, buffer, grad_streams, grad_buffer, grad_weights, num_states, hidden,
+        weights.stride(1), weights.stride(2), buffer.stride(1), buffer.stride(2), grad_streams.stride(0), hidden,
         NUM_STREAMS=num_streams, STREAMS_POW2=max(2, triton.next_power_of_2(num_streams)), BLOCK_D=block_d,
     )
     return grad_weights.to(weights.dtype)
+
+
+def _check_layout(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> None:
+    if weights.dim() != 4 or buffer.dim() != 4 or weights.shape[:2] != buffer.shape[:2]:
+        raise ValueError(
+            f"mudd aggregation: weights {tuple(weights.shape)} must be [batch, seq, C, J] and buffer "
+            f"{tuple(buffer.shape)} [batch, seq, capacity, hidden] with the same batch and seq"
+        )
+    if not 0 < num_states <= buffer.shape[2] or weights.shape[-1] != num_states:
+        raise ValueError(f"mudd aggregation: {num_states} states for weights {tuple(weights.shape)} and buffer {tuple(buffer.shape)}")
+    if not weights.is_contiguous() or not buffer.is_contiguous():
+        raise ValueError("mudd aggregation: weights and buffer must be contiguous")
+
+
+def _define_ops() -> None:
+    # Importing this file twice (the installed package and a model folder's remote code) must not define the ops
+    # twice: the first definition serves both.
+    if hasattr(torch.ops, "mudd") and hasattr(torch.ops.mudd, "aggregate"):
+        return
+
+    @torch.library.custom_op("mudd::aggregate", mutates_args=())
+    def aggregate(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
+        """`streams[c] = sum_j weights[..., c, j] * buffer[:, :, j]` for j < num_states -> `[C, batch, seq, hidden]`."""
+        _check_layout(weights, buffer, num_states)
+        if triton_aggregation_available(buffer):
+            return _triton_aggregate(weights, buffer, num_states)
+        return _aggregate_reference(weights, buffer, num_states)
+
+    @aggregate.register_fake
+    def _(weights, buffer, num_states):
+        return buffer.new_empty(weights.shape[2], weights.shape[0], weights.shape[1], buffer.shape[3])
+
+    @torch.library.custom_op("mudd::aggregate_backward_", mutates_args=("grad_buffer",))
+    def aggregate_backward_(
+        weights: torch.Tensor, buffer: torch.Tensor, grad_buffer: torch.Tensor, grad_streams: torch.Tensor, num_states: int
+    ) -> torch.Tensor:
+        """Adds `sum_c weights[..., c, j] * grad_streams[c]` into `grad_buffer[:, :, j]` (j < num_states) and returns
+        the weights' gradient `[batch, seq, C, J]`."""
+        _check_layout(weights, buffer, num_states)
+        if grad_buffer.shape != buffer.shape or grad_streams.shape != (weights.shape[2], *buffer.shape[:2], buffer.shape[3]):
+            raise ValueError(
+                f"mudd aggregation backward: grad_buffer {tuple(grad_buffer.shape)} / grad_streams "
+                f"{tuple(grad_streams.shape)} do not match buffer {tuple(buffer.shape)} and weights {tuple(weights.shape)}"
+            )
+        if triton_aggregation_available(buffer):
+            return _triton_aggregate_backward(weights, buffer, grad_buffer, grad_streams, num_states)
+        return _aggregate_backward_reference(weights, buffer, grad_buffer, grad_streams, num_states)
+
+    @aggregate_backward_.register_fake
+    def _(weights, buffer, grad_buffer, grad_streams, num_states):
+        return torch.empty_like(weights)
+
+    def _setup_context(ctx, inputs, output):
+        weights, buffer, num_states = inputs
+        ctx.save_for_backward(weights, buffer)
+        ctx.num_states = num_states
+
+    def _backward(ctx, grad_streams):
+        weights, buffer = ctx.saved_tensors
+        grad_buffer = torch.zeros_like(buffer)
+        grad_weights = torch.ops.mudd.aggregate_backward_(weights, buffer, grad_buffer, grad_streams, ctx.num_states)
+        return grad_weights, grad_buffer, None
+
+    # A standalone gradient (the models route the states' gradients through `mudd.DenseStateStack` instead).
+    aggregate.register_autograd(_backward, setup_context=_setup_context)
+
+
+_define_ops()

@@ -78,7 +78,10 @@ def assert_left_padded_generation_matches_unbatched(model, vocab: int, pad_token
 
 
 def assert_gradient_checkpointing_keeps_gradients(model, vocab: int) -> None:
-    """Training with (non-reentrant) gradient checkpointing gives every parameter the same gradient."""
+    """Training with gradient checkpointing, reentrant or not, gives every parameter the same gradient.
+
+    (Reentrant checkpointing differentiates only the tensors a layer gets as positional arguments: a stream passed
+    any other way would silently get no gradient, and neither would anything before it.)"""
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(3))
 
     def gradients(m):
@@ -88,13 +91,15 @@ def assert_gradient_checkpointing_keeps_gradients(model, vocab: int) -> None:
         return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
 
     plain = gradients(copy.deepcopy(model))
-    checkpointed_model = copy.deepcopy(model)
-    checkpointed_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert checkpointed_model.is_gradient_checkpointing
-    checkpointed = gradients(checkpointed_model)
-    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
-    for name in plain:
-        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+    assert len(plain) == len(list(model.parameters()))
+    for use_reentrant in (False, True):
+        checkpointed_model = copy.deepcopy(model)
+        checkpointed_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        assert checkpointed_model.is_activation_checkpointing
+        checkpointed = gradients(checkpointed_model)
+        assert plain.keys() == checkpointed.keys(), (use_reentrant, sorted(set(plain) - set(checkpointed)))
+        for name in plain:
+            assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), (use_reentrant, name)
 
 
 def assert_save_load_roundtrip(model, path: Path, vocab: int, code_files: tuple[str, ...]) -> None:

@@ -16,8 +16,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 from transformers.cache_utils import StaticCache
 
 from modeling_muddpythia import MUDDPythiaConfig, MUDDPythiaForCausalLM, MUDDPythiaModel, muddify
-from modeling_muddpythia.mudd import DenseStateStack, _DepthAggregate, aggregate_states
+from modeling_muddpythia.mudd import DenseStateStack, aggregate_states
 
+from helpers import assert_gradient_checkpointing_keeps_gradients
 from mudd_reference import randomize_, reference_logits, spec_params_from_model
 
 
@@ -282,22 +283,7 @@ def test_loss_is_shifted_cross_entropy_and_logits_to_keep():
 def test_gradient_checkpointing_gives_same_gradients():
     model = random_model(seed=10)
     model.config.hidden_dropout = 0.0
-    ids = torch.randint(0, VOCAB, (2, 8))
-
-    def grads(m):
-        m.zero_grad()
-        m.train()
-        m(ids, labels=ids, use_cache=False).loss.backward()
-        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
-    plain = grads(model)
-    checkpointed_model = copy.deepcopy(model)
-    checkpointed_model.activation_checkpointing_enable()
-    assert checkpointed_model.is_activation_checkpointing
-    checkpointed = grads(checkpointed_model)
-    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
-    for name in plain:
-        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+    assert_gradient_checkpointing_keeps_gradients(model, VOCAB)
 
 
 def test_outputs_hidden_states_attentions_and_dense_weights():

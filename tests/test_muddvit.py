@@ -219,13 +219,14 @@ def test_losses(problem_type, num_labels, labels, loss_fn):
     torch.testing.assert_close(out.loss, loss_fn(out.logits, labels))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
         model = MUDDViTForImageClassification(tiny_config())
         randomize_(model, seed=6)
         model.train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
             assert all(layer.gradient_checkpointing for layer in model.vit.encoder.layers)
         model(pixels(), labels=torch.tensor([0, 1])).loss.backward()
         return {name: p.grad for name, p in model.named_parameters()}
@@ -233,6 +234,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain, checkpointed = gradients(False), gradients(True)
     assert all(g is not None for g in plain.values())
     for name, grad in plain.items():
+        assert checkpointed[name] is not None, name
         torch.testing.assert_close(checkpointed[name], grad, msg=name)
 
 

@@ -245,20 +245,29 @@ class MUDDDecoderLayer(GradientCheckpointingLayer):
 
     def forward(
         self,
-        hidden_streams: tuple[torch.Tensor, ...],
+        hidden_states: torch.Tensor,
+        key_stream: torch.Tensor | None = None,
+        value_stream: torch.Tensor | None = None,
+        residual_stream: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`hidden_streams`: 1 or 4 tensors `[batch, seq, hidden]`. Returns (`X_{i+1}` `[batch, seq, hidden]`,
-        attention weights or None)."""
-        if len(hidden_streams) == 1:
-            query = key = value = residual = hidden_streams[0]
-        elif len(hidden_streams) == 4:
-            query, key, value, residual = hidden_streams
+        """`hidden_states` is the query stream `[batch, seq, hidden]`; with the other three streams omitted (block 0,
+        or `dense_streams="r"`) it also serves as key, value and residual stream. The streams are separate positional
+        tensors so that reentrant gradient checkpointing sees (and differentiates) each of them.
+
+        Returns (`X_{i+1}` `[batch, seq, hidden]`, attention weights or None).
+        """
+        query = hidden_states
+        given = (key_stream is not None, value_stream is not None, residual_stream is not None)
+        if not any(given):
+            key = value = residual = query
+        elif all(given):
+            key, value, residual = key_stream, value_stream, residual_stream
         else:
-            raise ValueError(f"block {self.layer_idx} expects 1 or 4 input streams, got {len(hidden_streams)}")
+            raise ValueError(f"block {self.layer_idx} expects 1 or 4 input streams, got {1 + sum(given)}")
         attn_output, attn_weights = self.self_attn(
             *self._normed_attention_inputs(query, key, value),
             attention_mask=attention_mask,
@@ -294,7 +303,7 @@ def run_mudd_blocks(
     all_attentions = [] if collect_attentions else None
     all_dense_weights = [] if collect_dense_weights else None
     for layer_idx, layer in enumerate(layers):
-        hidden_states, attn_weights = layer(streams, **layer_kwargs)
+        hidden_states, attn_weights = layer(*streams, **layer_kwargs)  # positional: see MUDDDecoderLayer.forward
         streams, dense_weights = dense(layer_idx, hidden_states, stack)
         if collect_hidden_states:
             all_hidden_states.append(hidden_states)

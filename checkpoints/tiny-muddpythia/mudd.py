@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mudd_triton import triton_aggregate_backward, triton_aggregate_forward, triton_aggregation_available
+from .mudd_triton import triton_aggregation_available
 
 
 TRITON_MIN_POSITIONS = 256
@@ -79,122 +79,160 @@ class MUDDRMSNorm(nn.Module):
         return f"eps={self.eps}, elementwise_affine={self.weight is not None}"
 
 
-class _StateStorage:
-    """The autograd-free part of a `DenseStateStack`: what the backward nodes keep. (Keeping the stack itself, which
-    holds the state tensors, would tie the graph into a reference cycle and keep every activation alive until the
-    garbage collector runs.)
-
-    `buffer` `[batch, seq, capacity, hidden]` holds each state once. In backward, every aggregation adds the
-    gradients of the states it read into one accumulator of the same shape, which is zeroed at its first use in
-    each backward pass (autograd numbers its passes), so repeated or partial passes never see each other's sums.
-    """
-
-    def __init__(self, buffer: torch.Tensor):
-        self.buffer = buffer
-        self._gradient: torch.Tensor | None = None
-        self._gradient_pass: int | None = None
-
-    def gradient_accumulator(self) -> torch.Tensor:
-        backward_pass = torch._C._current_graph_task_id()
-        if self._gradient_pass != backward_pass:
-            self._gradient = torch.zeros_like(self.buffer)
-            self._gradient_pass = backward_pass
-        return self._gradient
-
-    def accumulated_gradient(self, index: int) -> torch.Tensor | None:
-        """What the aggregations of the running backward pass added for state `index` (None if none ran)."""
-        if self._gradient_pass != torch._C._current_graph_task_id():
-            return None
-        return self._gradient[:, :, index]
-
-
 class DenseStateStack:
-    """The states `X_0 .. X_j` seen so far in one forward pass.
+    """The states `X_0 .. X_j` seen so far in one forward pass, and how the aggregations read them.
 
-    Each state is written once into `storage.buffer` (`[batch, seq, capacity, hidden]`), from which every
-    aggregation reads all earlier states with one kernel instead of re-stacking them at each layer. `states` keeps
-    the autograd-tracked tensors; each passes through `_StateGradient`, which hands its state, in backward, the
-    gradient that all aggregations added into the storage's accumulator, instead of each aggregation producing `J`
-    separate gradients that autograd then sums state by state (O(L^2) tensors of the states' size).
+    Three regimes, chosen when the stack is opened:
+
+    * compiled or exported (`torch.compiler.is_compiling()`): the states are kept as a list and each aggregation
+      is a plain sum of products (`functional_aggregate`), which dynamo, AOTAutograd and `torch.export` trace like
+      any other op and the compiler fuses with the norms around it;
+    * eager without autograd: each state is written once into `buffer` (`[batch, seq, capacity, hidden]`), from
+      which every aggregation reads all earlier states with one kernel instead of re-stacking them at each layer;
+    * eager with autograd: the same buffer, plus a *carrier*, a tensor threaded through every write and
+      aggregation (`_OpenStates`, `_AppendState`, `_AggregateStates`). Its gradient is one accumulator shaped like
+      the buffer: in backward, each aggregation adds the gradients of all states it read into it, and each state's
+      write node hands the state its completed slot. So the states' gradients are summed in place rather than as
+      O(L^2) separate tensors, with no state outside autograd: repeated, retained and partial backward passes each
+      get their own accumulator.
     """
 
     def __init__(self, first_state: torch.Tensor, capacity: int, device: torch.device | None = None):
+        device = device or first_state.device
+        first_state = first_state.to(device)
+        self.capacity = capacity
+        self.functional = torch.compiler.is_compiling()
+        self.states: list[torch.Tensor] = [first_state]
+        self.buffer: torch.Tensor | None = None
+        self.carrier: torch.Tensor | None = None
+        if self.functional:
+            return
         batch_size, seq_length, hidden_size = first_state.shape
-        buffer = first_state.new_empty(batch_size, seq_length, capacity, hidden_size, device=device or first_state.device)
-        self.storage = _StateStorage(buffer)
-        self.states: list[torch.Tensor] = []
-        self.requires_grad = False  # whether any state does: then the aggregations route gradients to them
-        self.append(first_state)
+        self.buffer = first_state.new_empty(batch_size, seq_length, capacity, hidden_size)
+        if torch.is_grad_enabled() and first_state.requires_grad:
+            self.carrier = _OpenStates.apply(first_state, self.buffer)
+        else:
+            self.buffer.select(2, 0).copy_(first_state)
 
     @property
-    def buffer(self) -> torch.Tensor:
-        return self.storage.buffer
+    def requires_grad(self) -> bool:
+        """Whether the aggregations must route gradients to the states (eager path)."""
+        return self.carrier is not None
 
     def append(self, state: torch.Tensor) -> None:
+        """Record the next state `[batch, seq, hidden]`."""
         index = len(self.states)
-        if index >= self.buffer.shape[2]:
-            raise RuntimeError(f"DenseStateStack holds at most {self.buffer.shape[2]} states")
-        if state.device != self.buffer.device:
+        if index >= self.capacity:
+            raise RuntimeError(f"DenseStateStack holds at most {self.capacity} states")
+        if self.buffer is not None:
             state = state.to(self.buffer.device)
-        self.buffer.select(2, index).copy_(state.detach())
-        if state.requires_grad and torch.is_grad_enabled():
-            state = _StateGradient.apply(state, self.storage, index)
-            self.requires_grad = True
+            if torch.is_grad_enabled() and (self.carrier is not None or state.requires_grad):
+                self.carrier = _AppendState.apply(self._carrier(), state, self.buffer, index)
+            else:
+                with torch.no_grad():
+                    self.buffer.select(2, index).copy_(state)
         self.states.append(state)
+
+    def _carrier(self) -> torch.Tensor:
+        # None: no state so far needs a gradient, so a chain starts here
+        return _expanded_zero(self.buffer) if self.carrier is None else self.carrier
 
     def __len__(self) -> int:
         return len(self.states)
 
 
-class _StateGradient(torch.autograd.Function):
-    """Identity on a state; in backward, adds what the aggregations accumulated for it.
+def _expanded_zero(buffer: torch.Tensor) -> torch.Tensor:
+    """A carrier value: shaped like the buffer (its gradient is the accumulator), one element of memory."""
+    return buffer.new_zeros(()).expand(buffer.shape)
 
-    The aggregations take this node's output as input, so autograd runs it only after all of them: the sum is
-    complete.
+
+def _new_accumulator(buffer: torch.Tensor, grad_carrier: torch.Tensor | None) -> torch.Tensor:
+    # The carrier has exactly one consumer (the next node of the chain), so its gradient is the accumulator that
+    # node handed back, owned by this pass: adding into it in place is safe. None: nothing later ran in this pass.
+    return torch.zeros_like(buffer) if grad_carrier is None else grad_carrier
+
+
+class _OpenStates(torch.autograd.Function):
+    """Writes `X_0` into slot 0 of the buffer and starts the carrier chain; backward hands `X_0` its slot."""
+
+    @staticmethod
+    def forward(ctx, state: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        buffer.select(2, 0).copy_(state.detach())
+        ctx.set_materialize_grads(False)
+        return _expanded_zero(buffer)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_carrier: torch.Tensor | None):
+        return (None if grad_carrier is None else grad_carrier.select(2, 0)), None
+
+
+class _AppendState(torch.autograd.Function):
+    """Writes state `index` into the buffer. In backward every aggregation that read the state has already added
+    into the accumulator (they all come later in the chain), so its slot is the state's complete dense gradient."""
+
+    @staticmethod
+    def forward(ctx, carrier: torch.Tensor, state: torch.Tensor, buffer: torch.Tensor, index: int) -> torch.Tensor:
+        buffer.select(2, index).copy_(state.detach())
+        ctx.index = index
+        ctx.set_materialize_grads(False)
+        return _expanded_zero(buffer)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_carrier: torch.Tensor | None):
+        if grad_carrier is None:
+            return None, None, None, None
+        # Later nodes only touch slots < index, so this view's values are final.
+        return grad_carrier, grad_carrier.select(2, ctx.index), None, None
+
+
+class _AggregateStates(torch.autograd.Function):
+    """`streams[c] = sum_j weights[..., c, j] * X_j` over the first `J` slots of the buffer, in the carrier chain.
+
+    Nothing of size `[.., J, hidden]` is saved per layer: the states are read back from the buffer (later writes
+    only touch slots >= J) and their gradients are added into the accumulator the carrier brings back.
     """
 
     @staticmethod
-    def forward(ctx, state: torch.Tensor, storage: _StateStorage, index: int) -> torch.Tensor:
-        ctx.storage, ctx.index = storage, index
-        ctx.set_materialize_grads(False)  # the aggregations return no gradient of their own for it
-        return state.view_as(state)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor | None):
-        accumulated = ctx.storage.accumulated_gradient(ctx.index)
-        if accumulated is None or grad is None:
-            return (grad if accumulated is None else accumulated), None, None
-        return grad + accumulated, None, None
-
-
-class _DepthAggregate(torch.autograd.Function):
-    """`streams[c] = sum_j weights[..., c, j] * X_j` over the first `J` states of a `DenseStateStack`.
-
-    Nothing of size `[.., J, hidden]` is saved per layer: the states are read back from the storage's buffer
-    (later layers only write slots >= J), and their gradients go into its accumulator (see `_StateGradient`). The
-    states are inputs only so that autograd orders each state's `_StateGradient` after all of its aggregations.
-    On CUDA the work is done by the Triton kernels of `mudd_triton.py`; elsewhere by batched matmuls.
-    """
-
-    @staticmethod
-    def forward(ctx, weights: torch.Tensor, storage: _StateStorage, *states: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weights: torch.Tensor, carrier: torch.Tensor, buffer: torch.Tensor):
+        num_states = weights.shape[-1]
         ctx.save_for_backward(weights)
-        ctx.storage = storage
-        ctx.num_states = len(states)
-        return _aggregate_forward(weights, storage.buffer, len(states))
+        ctx.buffer = buffer.detach()  # a plain reference, not a saved tensor: later slots are written in place
+        ctx.num_states = num_states
+        ctx.set_materialize_grads(False)
+        streams = aggregate_buffer(weights, buffer, num_states)
+        return streams, _expanded_zero(buffer)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_streams: torch.Tensor | None, grad_carrier: torch.Tensor | None):
         (weights,) = ctx.saved_tensors
-        storage, num_states = ctx.storage, ctx.num_states
-        if any(ctx.needs_input_grad[2:]):
-            grad_weights = _aggregate_backward(
-                weights, storage.buffer, storage.gradient_accumulator(), grad_output, num_states
-            )
+        buffer, num_states = ctx.buffer, ctx.num_states
+        if grad_streams is None:  # only a later node's gradient passes through
+            return None, grad_carrier, None
+        if ctx.needs_input_grad[1]:
+            accumulator = _new_accumulator(buffer, grad_carrier)
+            grad_weights = aggregate_buffer_backward(weights, buffer, accumulator, grad_streams, num_states)
         else:  # only the weights need a gradient
-            history = storage.buffer[:, :, :num_states]
-            grad_weights = torch.matmul(grad_output.movedim(0, 2), history.transpose(-1, -2))
-        return (grad_weights if ctx.needs_input_grad[0] else None, None, *([None] * num_states))
+            accumulator = None
+            history = buffer[:, :, :num_states]
+            grad_weights = torch.matmul(grad_streams.movedim(0, 2), history.transpose(-1, -2))
+        return (grad_weights if ctx.needs_input_grad[0] else None), accumulator, None
+
+
+def functional_aggregate(weights: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The aggregation as plain elementwise ops, for the compiler: `weights` `[batch, seq, C, J]`, `J` states
+    `[batch, seq, hidden]` -> `C` streams. The compiler turns the sums into one fused loop over the states (and
+    their gradients into fused reductions), with nothing stacked; eagerly it would be `C * J` kernels."""
+    weights = weights.unsqueeze(-1)
+    streams = []
+    for c in range(weights.shape[2]):
+        stream = weights[:, :, c, 0] * states[0]
+        for j in range(1, len(states)):
+            stream = stream + weights[:, :, c, j] * states[j]
+        streams.append(stream)
+    return tuple(streams)
 
 
 def _use_triton(weights: torch.Tensor, buffer: torch.Tensor) -> bool:
@@ -202,21 +240,21 @@ def _use_triton(weights: torch.Tensor, buffer: torch.Tensor) -> bool:
     return weights.shape[0] * weights.shape[1] >= TRITON_MIN_POSITIONS and triton_aggregation_available(buffer)
 
 
-def _aggregate_forward(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
-    """-> streams stream-major, `[C, batch, seq, hidden]`."""
+def aggregate_buffer(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
+    """`weights` `[batch, seq, C, J]` (contiguous) mix the first `J` slots of `buffer` `[batch, seq, capacity,
+    hidden]` -> streams, stream-major `[C, batch, seq, hidden]`."""
     if _use_triton(weights, buffer):
-        return triton_aggregate_forward(weights, buffer, num_states)
+        return torch.ops.mudd.aggregate(weights, buffer, num_states)
     return torch.matmul(weights, buffer[:, :, :num_states]).movedim(2, 0)
 
 
-def _aggregate_backward(weights, buffer, grad_buffer, grad_output, num_states) -> torch.Tensor:
+def aggregate_buffer_backward(weights, buffer, grad_buffer, grad_streams, num_states) -> torch.Tensor:
     """Add each state's gradient into `grad_buffer[:, :, :J]` and return the weights' gradient `[b, t, C, J]`."""
     if _use_triton(weights, buffer):
-        return triton_aggregate_backward(weights, buffer, grad_buffer, grad_output, num_states)
-    grad_output = grad_output.movedim(0, 2)  # [batch, seq, C, hidden]
-    history = buffer[:, :, :num_states]
-    grad_buffer[:, :, :num_states] += torch.matmul(weights.transpose(-1, -2), grad_output)
-    return torch.matmul(grad_output, history.transpose(-1, -2))
+        return torch.ops.mudd.aggregate_backward_(weights, buffer, grad_buffer, grad_streams, num_states)
+    grad_streams = grad_streams.movedim(0, 2)  # [batch, seq, C, hidden]
+    grad_buffer[:, :, :num_states] += torch.matmul(weights.transpose(-1, -2), grad_streams)
+    return torch.matmul(grad_streams, buffer[:, :, :num_states].transpose(-1, -2))
 
 
 def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> tuple[torch.Tensor, ...]:
@@ -224,14 +262,21 @@ def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> tuple[tor
     num_states = len(stack)
     if weights.shape[-1] != num_states:
         raise ValueError(f"dense weights cover {weights.shape[-1]} states but {num_states} were produced")
-    weights = weights.to(stack.buffer.dtype).contiguous()
+    weights = weights.to(stack.states[0].dtype)
     # Under autocast the states are mixed in their own dtype, like a residual add (float32 under bf16 autocast):
-    # autocast would also give `_DepthAggregate` a low-precision output whose gradient no longer matches the
+    # autocast would also give the aggregation a low-precision output whose gradient no longer matches the
     # float32 states in its backward.
-    with torch.autocast(stack.buffer.device.type, enabled=False):
+    with torch.autocast(stack.states[0].device.type, enabled=False):
+        if stack.functional:
+            return functional_aggregate(weights, stack.states)
+        weights = weights.contiguous()
         if torch.is_grad_enabled() and (weights.requires_grad or stack.requires_grad):
-            return _DepthAggregate.apply(weights, stack.storage, *stack.states).unbind(0)
-        return _aggregate_forward(weights, stack.buffer, num_states).unbind(0)
+            chained = stack.requires_grad
+            streams, carrier = _AggregateStates.apply(weights, stack._carrier(), stack.buffer)
+            if chained:  # else the states need no gradient, and the carrier stays out of later backward passes
+                stack.carrier = carrier
+            return streams.unbind(0)
+        return aggregate_buffer(weights, stack.buffer, num_states).unbind(0)
 
 
 class DepthAggregator(nn.Module):
