@@ -219,19 +219,14 @@ def run_main_job(
 
     scores, n_shots, raw = {}, {}, {}
     runs = [(folder, name, n) for n in shots for folder, name in MODELS]
-    with quiet_third_party() as stderr, stage_bar(
-        total=len(runs), desc=f"1/3 lm-eval, {len(TASKS)} tasks per run", unit="run", file=stderr
-    ) as bar:
-        for folder, name, n in runs:
-            bar.set_postfix_str(f"{name} {n}-shot")
+    for folder, name, n in stage_bar(runs, desc=f"1/3 lm-eval runs ({len(TASKS)} tasks each)", unit="run"):
+        with quiet_third_party():
             results = evaluate_model(
-                checkpoints / folder, list(TASKS), n, manager=manager, batch_size=batch_size, limit=limit,
-                device="cpu",
+                checkpoints / folder, list(TASKS), n, manager=manager, batch_size=batch_size, limit=limit, device="cpu"
             )
-            bar.update()
-            scores[(name, n)] = {(task, metric): metric_value(results, task, metric) for task, metric, *_ in TABLE_ROWS}
-            n_shots.update({(task, n): results["n-shot"].get(task, n) for task in TASKS})
-            raw[f"{name} {n}-shot"] = {"results": results["results"], "n-shot": results["n-shot"]}
+        scores[(name, n)] = {(task, metric): metric_value(results, task, metric) for task, metric, *_ in TABLE_ROWS}
+        n_shots.update({(task, n): results["n-shot"].get(task, n) for task in TASKS})
+        raw[f"{name} {n}-shot"] = {"results": results["results"], "n-shot": results["n-shot"]}
     table = results_table(scores, shots, n_shots)
 
     models, logs = {}, {}

@@ -224,5 +224,5 @@ def test_main_job_output_has_no_third_party_noise(tmp_path, capfd):
     assert "Running loglikelihood requests" not in err and "Loading weights" not in err
     stages = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     assert {line.split(":")[0] for line in stages} <= {
-        "1/3 lm-eval, 5 tasks per run", "2/3 sample generations", "3/3 dense-connection weights"}, stages[:5]
+        "1/3 lm-eval runs (5 tasks each)", "2/3 sample generations", "3/3 dense-connection weights"}, stages[:5]
     assert "dense_weights.json" in out
