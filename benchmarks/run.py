@@ -467,19 +467,21 @@ def plot(results: dict, path: Path) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=["pythia", "llama", "vit"])
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=["pythia", "llama", "vit"],
+                        help="model families to compare (default: all three)")
     parser.add_argument("--sizes", nargs="+", help="size names (default: each family's own default); "
                         + "; ".join(f"{f.name}: {', '.join(f.sizes)}" for f in FAMILIES.values()))
     parser.add_argument("--quick", action="store_true",
                         help="a short look: --repeats 3 --warmup 1 --new-tokens 8 --seq-lens 256 unless given")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="decoder sequence lengths (default: 512)")
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[224], help="ViT image sizes")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences or images per batch (default: 2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of both models (default: float32)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation of both models")
     parser.add_argument("--metrics", nargs="+", default=["forward", "train_step", "decode", "peak_memory"],
-                        choices=["forward", "train_step", "decode", "peak_memory"])
+                        choices=["forward", "train_step", "decode", "peak_memory"], help="what to measure (default: all four)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="measured runs per model, the median is reported (default: 5)")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured runs per model before the repeats (default: 1)")
