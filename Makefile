@@ -8,15 +8,25 @@ PY = $(VENV)/bin/python
 # fast on a machine whose cores are shared.
 export HF_HUB_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
+# Which torch build setup installs (README, Install):
+#   TORCH=cpu   (default) the CPU build from PyTorch's wheel index TORCH_INDEX (about 190 MB); if that index cannot
+#               be reached, the plain pin from pip's usual index instead, with a message saying so
+#   TORCH=pypi  the plain pin from pip's usual index (on Linux x86_64: the CUDA build, about 2.7 GB)
+# Setup ends by printing the installed build (also in $(VENV)/torch-build.txt). Another index, e.g. a CUDA one:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu130
+TORCH ?= cpu
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup run test clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml tools/install_torch.py
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU build of 2.13.0 is what we test; an unpinned torch pulls the CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) tools/install_torch.py --version $(TORCH_VERSION) --build $(TORCH) --index $(TORCH_INDEX)
 	# eval: lm-evaluation-harness and matplotlib, used by the main job and its tests
 	$(PY) -m pip install -q -e ".[test,eval]"
+	@cat $(VENV)/torch-build.txt
 	touch $@
 
 setup: $(VENV)/.installed

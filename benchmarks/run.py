@@ -19,7 +19,9 @@ measured alternately (plain, MUDD, MUDD, plain, ...), so that drift in the machi
   a graph break or a recompilation during the timed steps is reported as a failure (exit status 1).
 
 Each value is the median over `--repeats` runs (after `--warmup` runs); the ratio is MUDD / plain of the medians and
-the spread is the range of the per-repeat ratios. Writes `results.json` and `results.png` to `--out`.
+the spread is the range of the per-repeat ratios. Each metric shows one progress bar while it runs and then one line
+with the ratio to read. `--quick` is a short look (3 repeats, 8 new tokens, T=256 unless given). Writes
+`results.json` and `results.png` to `--out`.
 """
 
 from __future__ import annotations
@@ -223,7 +225,9 @@ def measure_peak_memory_alone(
     return float(_current_peak_bytes(device_))
 
 
-def peak_memory_in_own_processes(family: Family, size: str, length: int, args: argparse.Namespace) -> dict[str, list[float]]:
+def peak_memory_in_own_processes(
+    family: Family, size: str, length: int, args: argparse.Namespace, progress: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
     """MiB per model, each measured by `measure_peak_memory_alone` in a fresh (spawned) process."""
     import multiprocessing
 
@@ -235,6 +239,8 @@ def peak_memory_in_own_processes(family: Family, size: str, length: int, args: a
                 family.name, size, length, which, args.batch_size, args.device, args.dtype, args.attn, args.threads,
             ))
         samples[which] = [peak / 2**20]
+        if progress is not None:
+            progress()
     return samples
 
 
@@ -284,10 +290,12 @@ def compiled_decode_tokens_per_second(
 
 
 def interleaved(
-    measure: dict[str, Callable[[], float]], repeats: int, warmup: int, prepare: dict[str, Callable[[], None]] | None = None
+    measure: dict[str, Callable[[], float]], repeats: int, warmup: int, prepare: dict[str, Callable[[], None]] | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
     """Run each model's measurement `warmup + repeats` times in the order A B B A A B ... and keep the last
-    `repeats` values per model; alternating the order cancels linear drift of the machine's speed."""
+    `repeats` values per model; alternating the order cancels linear drift of the machine's speed. `progress` is
+    called after each measurement."""
     names = list(measure)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for index in range(warmup + repeats):
@@ -298,6 +306,8 @@ def interleaved(
             value = measure[name]()
             if index >= warmup:
                 samples[name].append(value)
+            if progress is not None:
+                progress()
     return samples
 
 
@@ -337,38 +347,59 @@ def benchmark_case(
         case["metrics"][metric] = summarize(samples, METRICS[metric][1])
         _print_metric(metric, case["metrics"][metric], device.type)
 
+    @contextlib.contextmanager
+    def stage(metric: str, runs_per_model: int):
+        """One progress bar per metric: one step per measurement of either model."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=2 * runs_per_model, desc=f"  {metric}", unit="run", leave=False, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            yield bar.update
+
+    rounds = args.warmup + args.repeats
+
     print(f"\n== {_case_label(case)}  ({case['parameters']['plain'] / 1e6:.1f}M plain, "
           f"{case['parameters']['mudd'] / 1e6:.1f}M MUDD parameters)", flush=True)
     if "forward" in args.metrics:
         runs = {name: _forward(model, inputs[name][0]) for name, model in models.items()}
-        record("forward", interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
-                                      args.repeats, args.warmup))
+        with stage("forward", rounds) as step:
+            samples = interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
+                                  args.repeats, args.warmup, progress=step)
+        record("forward", samples)
     if "train_step" in args.metrics:
         for model in models.values():
             model.train()
         runs = {name: _train_step(model, *inputs[name]) for name, model in models.items()}
         prepare = {name: (lambda m=model: _start_train_step(m)) for name, model in models.items()}
-        record("train_step", interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
-                                         args.repeats, args.warmup, prepare))
+        with stage("train_step", rounds) as step:
+            samples = interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
+                                  args.repeats, args.warmup, prepare, progress=step)
+        record("train_step", samples)
         for model in models.values():
             model.zero_grad(set_to_none=True)
             model.eval()
     if "peak_memory" in args.metrics:
-        record("peak_memory", peak_memory_in_own_processes(family, size, seq_len, args))
+        with stage("peak_memory", 1) as step:
+            record("peak_memory", peak_memory_in_own_processes(family, size, seq_len, args, progress=step))
     if "compiled_forward" in args.metrics or "compiled_train_step" in args.metrics:
         torch._dynamo.reset()
         compiled = {name: torch.compile(model, fullgraph=True) for name, model in models.items()}
+        compiled_rounds = max(args.warmup, 1) + args.repeats  # the first (warm-up) run compiles
         if "compiled_forward" in args.metrics:
             runs = {name: _forward(compiled[name], inputs[name][0]) for name in models}
-            record("compiled_forward", interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
-                                                   args.repeats, max(args.warmup, 1)))
+            with stage("compiled_forward", compiled_rounds) as step:
+                samples = interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
+                                      args.repeats, max(args.warmup, 1), progress=step)
+            record("compiled_forward", samples)
         if "compiled_train_step" in args.metrics:
             for model in models.values():
                 model.train()
             runs = {name: _train_step(compiled[name], *inputs[name]) for name in models}
             prepare = {name: (lambda m=model: _start_train_step(m)) for name, model in models.items()}
-            record("compiled_train_step", interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
-                                                      args.repeats, max(args.warmup, 1), prepare))
+            with stage("compiled_train_step", compiled_rounds) as step:
+                samples = interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
+                                      args.repeats, max(args.warmup, 1), prepare, progress=step)
+            record("compiled_train_step", samples)
             for model in models.values():
                 model.zero_grad(set_to_none=True)
                 model.eval()
@@ -378,11 +409,13 @@ def benchmark_case(
         prompt_len = min(seq_len, plain.config.max_position_embeddings - args.new_tokens - 8)
         prompt = inputs["plain"][0]["input_ids"][:, :prompt_len]
         if "decode" in args.metrics:
-            record("decode", interleaved(
-                {name: (lambda m=model: decode_tokens_per_second(m, prompt, args.new_tokens, device))
-                 for name, model in models.items()},
-                args.repeats, args.warmup,
-            ))
+            with stage("decode", rounds) as step:
+                samples = interleaved(
+                    {name: (lambda m=model: decode_tokens_per_second(m, prompt, args.new_tokens, device))
+                     for name, model in models.items()},
+                    args.repeats, args.warmup, progress=step,
+                )
+            record("decode", samples)
         if args.compile_decode:
             samples = {}
             for name, model in models.items():
@@ -418,16 +451,28 @@ def _target_status(metric: str, ratio: float, device_type: str) -> str:
     return f"target {op} {bound:.3f}: {'met' if met else 'MISSED'}"
 
 
-def _print_metric(metric: str, result: dict, device_type: str) -> None:
+# what the MUDD / plain ratio of each metric is a ratio of
+RATIO_NAMES = {"forward": "time", "train_step": "time", "decode": "speed", "peak_memory": "memory",
+               "compiled_forward": "time", "compiled_train_step": "time", "compiled_decode": "speed"}
+
+
+def metric_line(metric: str, result: dict, device_type: str) -> str:
+    """One line per metric: both medians, then the one ratio to read (MUDD / plain of the medians) and which way is
+    better; the range of the per-repeat ratios shows how steady it was."""
     unit = METRICS[metric][0]
     low, high = result["ratio_spread"]
-    print(
-        f"  {metric:<16} plain {result['plain']['median']:10.4g} {unit:<8} MUDD {result['mudd']['median']:10.4g} "
-        f"{unit:<8} ratio {result['ratio']:.3f} (per-repeat median {result['pair_ratio_median']:.3f}, "
-        f"range {low:.3f}..{high:.3f})  "
-        f"{_target_status(metric, result['ratio'], device_type)}",
-        flush=True,
+    better = "higher is better" if result["higher_is_better"] else "lower is better"
+    spread = f", per-repeat {low:.3f}..{high:.3f}" if len(result["plain"]["samples"]) > 1 else ""
+    target = _target_status(metric, result["ratio"], device_type)
+    return (
+        f"  {metric:<19} plain {result['plain']['median']:10.4g} {unit:<8} MUDD {result['mudd']['median']:10.4g} "
+        f"{unit:<8} MUDD/plain {RATIO_NAMES[metric]} = {result['ratio']:.3f} ({better}{spread})"
+        + (f"  {target}" if target else "")
     )
+
+
+def _print_metric(metric: str, result: dict, device_type: str) -> None:
+    print(metric_line(metric, result, device_type), flush=True)
 
 
 def machine_description(device: torch.device) -> dict:
@@ -496,22 +541,28 @@ def plot(results: dict, path: Path) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=["pythia", "llama", "vit"])
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=["pythia", "llama", "vit"],
+                        help="model families to compare (default: all three)")
     parser.add_argument("--sizes", nargs="+", help="size names (default: each family's own default); "
                         + "; ".join(f"{f.name}: {', '.join(f.sizes)}" for f in FAMILIES.values()))
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=[512], help="decoder sequence lengths")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short look: --repeats 3 --warmup 1 --new-tokens 8 --seq-lens 256 unless given")
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="decoder sequence lengths (default: 512)")
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[224], help="ViT image sizes")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences or images per batch (default: 2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of both models (default: float32)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation of both models")
     parser.add_argument("--metrics", nargs="+", default=["forward", "train_step", "decode", "peak_memory"],
                         choices=["forward", "train_step", "decode", "peak_memory", "compiled_forward",
                                  "compiled_train_step"],
-                        help="compiled_*: through torch.compile(fullgraph=True); compiling takes minutes at 160m")
-    parser.add_argument("--repeats", type=int, default=5, help="measured runs per model (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs per model before the repeats")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode run")
+                        help="what to measure (default: the first four); compiled_*: through "
+                        "torch.compile(fullgraph=True), which takes minutes to compile at 160m")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="measured runs per model, the median is reported (default: 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="unmeasured runs per model before the repeats (default: 1)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode run (default: 32)")
     parser.add_argument("--compile-decode", action="store_true",
                         help="also decode with StaticCache + torch.compile(fullgraph=True); a graph break fails the run")
     parser.add_argument("--compile-mode", default=None,
@@ -521,6 +572,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="wall time, or this process's CPU time (CPU device only; steadier on a shared machine)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"), help="folder for results.json/.png")
     args = parser.parse_args(argv)
+    defaults = {"repeats": 3, "warmup": 1, "new_tokens": 8, "seq_lens": [256]} if args.quick else \
+        {"repeats": 5, "warmup": 1, "new_tokens": 32, "seq_lens": [512]}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("batch_size", "repeats", "new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

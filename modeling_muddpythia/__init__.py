@@ -1,28 +1,70 @@
-"""MUDD (multiway dynamic dense) models for Hugging Face transformers."""
+"""MUDD (multiway dynamic dense) models for Hugging Face transformers.
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+Importing the package registers the MUDD configs and models with transformers' Auto classes. The one exception is
+the `mudd` command (`mudd ...` or `python -m modeling_muddpythia.cli ...`): it parses its arguments first, so that
+`mudd --help` answers without importing torch and transformers (seconds), and then calls `load_package()`.
+"""
 
-from .configuration_muddformer import MUDDFormerConfig
-from .configuration_muddpythia import MUDDPythiaConfig
-from .modeling_muddformer import MUDDFormerForCausalLM, MUDDFormerModel
-from .modeling_muddpythia import MUDDPythiaForCausalLM, MUDDPythiaModel
-from .configuration_muddvit import MUDDViTConfig
-from .modeling_muddvit import MUDDViTForImageClassification, MUDDViTModel
-from .muddify import muddify
+import importlib
+import os
+import sys
 
-AutoConfig.register(MUDDPythiaConfig.model_type, MUDDPythiaConfig, exist_ok=True)
-AutoModel.register(MUDDPythiaConfig, MUDDPythiaModel, exist_ok=True)
-AutoModelForCausalLM.register(MUDDPythiaConfig, MUDDPythiaForCausalLM, exist_ok=True)
-AutoConfig.register(MUDDFormerConfig.model_type, MUDDFormerConfig, exist_ok=True)
-AutoModel.register(MUDDFormerConfig, MUDDFormerModel, exist_ok=True)
-AutoModelForCausalLM.register(MUDDFormerConfig, MUDDFormerForCausalLM, exist_ok=True)
-AutoConfig.register(MUDDViTConfig.model_type, MUDDViTConfig, exist_ok=True)
-AutoModel.register(MUDDViTConfig, MUDDViTModel, exist_ok=True)
-AutoModelForImageClassification.register(MUDDViTConfig, MUDDViTForImageClassification, exist_ok=True)
+# public name -> submodule that defines it
+_EXPORTS = {
+    "MUDDPythiaConfig": "configuration_muddpythia",
+    "MUDDPythiaModel": "modeling_muddpythia",
+    "MUDDPythiaForCausalLM": "modeling_muddpythia",
+    "MUDDFormerConfig": "configuration_muddformer",
+    "MUDDFormerModel": "modeling_muddformer",
+    "MUDDFormerForCausalLM": "modeling_muddformer",
+    "MUDDViTConfig": "configuration_muddvit",
+    "MUDDViTModel": "modeling_muddvit",
+    "MUDDViTForImageClassification": "modeling_muddvit",
+    "muddify": "muddify",
+}
+__all__ = list(_EXPORTS)
+_loaded = False
 
-__all__ = [
-    "MUDDPythiaConfig", "MUDDPythiaModel", "MUDDPythiaForCausalLM",
-    "MUDDFormerConfig", "MUDDFormerModel", "MUDDFormerForCausalLM",
-    "MUDDViTConfig", "MUDDViTModel", "MUDDViTForImageClassification",
-    "muddify",
-]
+
+def load_package() -> None:
+    """Import the model classes and register them with transformers' Auto classes (idempotent)."""
+    global _loaded
+    if _loaded:
+        return
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+
+    values = {name: getattr(importlib.import_module(f".{module}", __name__), name) for name, module in _EXPORTS.items()}
+    globals().update(values)  # also replaces the attribute `muddify` (the submodule) by the function
+    for family in ("MUDDPythia", "MUDDFormer"):
+        config = values[f"{family}Config"]
+        AutoConfig.register(config.model_type, config, exist_ok=True)
+        AutoModel.register(config, values[f"{family}Model"], exist_ok=True)
+        AutoModelForCausalLM.register(config, values[f"{family}ForCausalLM"], exist_ok=True)
+    config = values["MUDDViTConfig"]
+    AutoConfig.register(config.model_type, config, exist_ok=True)
+    AutoModel.register(config, values["MUDDViTModel"], exist_ok=True)
+    AutoModelForImageClassification.register(config, values["MUDDViTForImageClassification"], exist_ok=True)
+    _loaded = True
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        load_package()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+def _started_as_mudd_command() -> bool:
+    """True while the `mudd` console script or `python -m modeling_muddpythia.cli` is starting."""
+    if sys.argv and os.path.basename(sys.argv[0]).removesuffix(".exe").removesuffix("-script.py") == "mudd":
+        return True
+    argv = list(getattr(sys, "orig_argv", []))
+    return "-m" in argv and argv[argv.index("-m") + 1: argv.index("-m") + 2] == [f"{__name__}.cli"]
+
+
+if not _started_as_mudd_command():
+    load_package()

@@ -1,4 +1,7 @@
-"""Command-line entry point: `mudd <command>` (or `python -m modeling_muddpythia.cli <command>`)."""
+"""Command-line entry point: `mudd <command>` (or `python -m modeling_muddpythia.cli <command>`).
+
+Arguments are parsed before torch and transformers are imported, so that `mudd --help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import torch
-
-from .evaluation import table3_arguments
+from .evaluation import table3_arguments  # argparse only: evaluation.py imports lm-eval and torch lazily
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,8 @@ _REMOTE_GENERATE = textwrap.dedent(
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import torch
+
     from . import MUDDPythiaConfig, MUDDPythiaForCausalLM
 
     config = MUDDPythiaConfig.from_json_file(args.preset)
@@ -102,52 +105,72 @@ def _table3(args: argparse.Namespace) -> int:
     return run_table3(args.model_dir, args.output, tuple(args.shots), args.batch_size, args.limit, args.device)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mudd", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to each option's help unless the help already names its default or it is None."""
 
-    main_job = commands.add_parser(
-        "main", help="the main job: lm-eval of the shipped tiny GPT-NeoX and MUDDPythia on the synthetic tasks "
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = _HelpFormatter
+    parser = argparse.ArgumentParser(prog="mudd", description=__doc__.split("\n\n")[0], formatter_class=formatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=formatter)
+
+    main_job = command(
+        "main", "the main job: lm-eval of the shipped tiny GPT-NeoX and MUDDPythia on the synthetic tasks "
         "(0- and 5-shot), side-by-side table, sample generations, dense-weight heatmap"
     )
     main_job.add_argument("--output", default="outputs", help="folder for the table, results and heatmap")
-    main_job.add_argument("--shots", type=int, nargs="+", default=[0, 5])
-    main_job.add_argument("--batch-size", type=int, default=32)
-    main_job.add_argument("--limit", type=int, default=None, help="documents per task (quick look)")
+    main_job.add_argument("--shots", type=int, nargs="+", default=[0, 5], help="few-shot settings to evaluate")
+    main_job.add_argument("--batch-size", type=int, default=32, help="lm-eval batch size")
+    main_job.add_argument("--limit", type=int, default=None, help="documents per task (quick look; default: all)")
     main_job.set_defaults(run=_main_job)
 
-    evaluate = commands.add_parser(
-        "eval", help="the paper's Table 3 lm-eval suite on a model folder (same as the `mudd-eval` command)"
+    evaluate = command(
+        "eval", "the paper's Table 3 lm-eval suite on a model folder (same as the `mudd-eval` command)"
     )
     table3_arguments(evaluate).set_defaults(run=_table3)
 
-    train = commands.add_parser(
-        "train-tiny", help="train the tiny GPT-NeoX and MUDDPythia shipped in checkpoints/ (CPU, a few minutes each)"
+    train = command(
+        "train-tiny", "train the tiny GPT-NeoX and MUDDPythia shipped in checkpoints/ (CPU, a few minutes each)"
     )
-    train.add_argument("--output", default=str(REPO_ROOT / "checkpoints"))
-    train.add_argument("--steps", type=int, default=1200)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--seq-length", type=int, default=256)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--output", default=str(REPO_ROOT / "checkpoints"), help="folder for the two model folders")
+    train.add_argument("--steps", type=int, default=1200,
+                       help="training steps of the MUDD model (the plain model gets more, for equal compute)")
+    train.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    train.add_argument("--seq-length", type=int, default=256, help="tokens per sequence")
+    train.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warm-up, then cosine)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the data stream")
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
     train.set_defaults(run=_train_tiny)
 
-    tasks = commands.add_parser("write-tasks", help="regenerate the synthetic lm-eval task data (JSONL)")
-    tasks.add_argument("--output", default=str(REPO_ROOT / "tests" / "tasks" / "data"))
+    tasks = command("write-tasks", "regenerate the synthetic lm-eval task data (JSONL)")
+    tasks.add_argument("--output", default=str(REPO_ROOT / "tests" / "tasks" / "data"), help="folder for the JSONL files")
     tasks.set_defaults(run=_write_tasks)
 
-    demo = commands.add_parser(
-        "demo", help="build a small MUDDPythia from a preset, save it with remote code, reload it in a fresh "
+    demo = command(
+        "demo", "build a small MUDDPythia from a preset, save it with remote code, reload it in a fresh "
         "process with trust_remote_code and generate"
     )
     demo.add_argument("--preset", default=str(DEFAULT_PRESET), help="JSON config preset (see configuration/)")
     demo.add_argument("--output", default="outputs/demo", help="folder to save the model to")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    demo.add_argument("--max-new-tokens", type=int, default=12, help="tokens to generate greedily")
     demo.set_defaults(run=_demo)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import load_package
+
+    load_package()  # torch, transformers and the Auto-class registration, now that the arguments are valid
     return args.run(args)
 
 

@@ -513,6 +513,9 @@ def convert(options: Options) -> Path:
             tokenizer = run.copy_tokenizer(temporary)
             if tokenizer:
                 _log(f"copied tokenizer files {tokenizer}")
+            else:
+                _log("warning: no tokenizer files were found in the source, so the output folder has no tokenizer; "
+                     "pass --tokenizer FOLDER (e.g. the released model's folder) to copy them")
             run.write_card(temporary)
             for warning in prepared.warnings + run.nonfinite:
                 _log(f"warning: {warning}")
@@ -552,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mudd-convert",
         description="Convert the MUDD authors' checkpoints (or a plain GPT-NeoX / Llama model) into a folder that "
-        "AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) loads.",
+        "AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) loads. The source layouts of every "
+        "--format (names, shapes, transforms) are in docs/CHECKPOINT_FORMATS.md of the repository.",
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="layout of --input (CHECKPOINT_FORMATS.md)")
     parser.add_argument("--input", required=True, type=Path, help="checkpoint folder or file")

@@ -235,6 +235,32 @@ def muddvit_state_dict(arrays: dict[str, np.ndarray], config: MUDDViTConfig) -> 
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+def model_card(config: MUDDViTConfig, source_name: str, output_name: str, model) -> str:
+    """The Hub card of a converted folder: what it is (a plain ViT's weights with identity dense connections, not a
+    model trained with MUDD), how to load it, and the settings the conversion chose."""
+    parameters = sum(p.numel() for p in model.parameters())
+    dense = sum(p.numel() for name, p in model.named_parameters() if ".dense." in name)
+    height, width = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    return (
+        "---\nlibrary_name: transformers\npipeline_tag: image-classification\ntags:\n- mudd\n- muddvit\n"
+        "- vision-transformer\n- custom_code\n---\n\n"
+        f"# {output_name}\n\n"
+        f"A MUDDViT converted by `mudd-convert --format vit-npz` from Google's JAX ViT checkpoint `{source_name}`: "
+        f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
+        f"{height}x{width} images, {config.num_labels} classes, {parameters:,} parameters ({dense:,} of them in the "
+        "dense connections).\n\n"
+        "The dense connections start at identity, so this model computes the same function as the source ViT "
+        f"(`hidden_act={config.hidden_act!r}`, `layer_norm_eps={config.layer_norm_eps}`, the flax conventions). It "
+        "is a starting point for fine-tuning with MUDD, not a model trained with MUDD: the MUDDFormer paper's "
+        "MUDDViT results are for models trained from scratch and do not apply to it. Training data, licence and "
+        "accuracy are those of the source checkpoint.\n\n"
+        "```python\nfrom transformers import pipeline\n\n"
+        f'classify = pipeline("image-classification", model="{output_name}", trust_remote_code=True)\n'
+        'classify("image.jpg")\n```\n'
+    )
+
+
+
 def _write_atomically(output_dir: Path, write, *, force: bool) -> None:
     """`write(tmp)` into a temporary sibling folder, then rename it to `output_dir` (replacing it under `force`).
 
@@ -304,6 +330,7 @@ def convert_vit_npz(
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         image_processor.save_pretrained(folder)
+        (folder / "README.md").write_text(model_card(config, input_path.name, output_dir.name, model))
 
     _write_atomically(output_dir, write, force=force)
     return output_dir

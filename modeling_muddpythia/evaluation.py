@@ -224,7 +224,7 @@ def table3_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("model_dir", help="a saved or converted model folder (config.json, weights, tokenizer)")
     parser.add_argument("--output", default="outputs/table3", help="folder for table3.md and table3_results.json")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 5], help="few-shot settings (paper: 0 and 5)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (for a quick look only)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return parser

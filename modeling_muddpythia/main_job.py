@@ -126,7 +126,31 @@ def dense_weight_grid(mean_weights: list[torch.Tensor]) -> torch.Tensor:
     return grid
 
 
-def plot_dense_weights(grid: torch.Tensor, path: Path, title: str) -> None:
+def relative_luminance(rgba) -> float:
+    """WCAG 2 relative luminance of an sRGB colour (components in 0..1)."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgba[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def annotation_colour(rgba) -> str:
+    """"black" or "white", whichever has the higher contrast ratio against a cell of colour `rgba`."""
+    luminance = relative_luminance(rgba)
+    return "black" if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else "white"
+
+
+EMPTY_CELL_NOTE = (
+    "Grey cells have no weight: right of the diagonal the source X_j is not computed yet after block i; "
+    "the bottom row is the last connection, which makes only the residual stream (the input of the final norm), "
+    "so its query/key/value rows are empty."
+)
+
+
+def heatmap_figure(grid: torch.Tensor, title: str):
+    """The heatmap of `dense_weight_grid(...)`: one panel per stream, each cell annotated with its value in black or
+    white against the cell's colour; returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,24 +158,39 @@ def plot_dense_weights(grid: torch.Tensor, path: Path, title: str) -> None:
 
     num_layers = grid.shape[1]
     limit = float(torch.nan_to_num(grid.abs(), nan=0.0).max()) or 1.0
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#e6e6e6")
+    norm = matplotlib.colors.Normalize(vmin=-limit, vmax=limit)
     figure, axes = plt.subplots(
-        1, len(STREAMS), figsize=(3.2 * len(STREAMS) + 1.2, 0.55 * num_layers + 2.2), constrained_layout=True
+        1, len(STREAMS), figsize=(3.2 * len(STREAMS) + 1.2, 0.55 * num_layers + 2.8), constrained_layout=True
     )
     for stream, (axis, name) in enumerate(zip(axes, STREAMS)):
-        image = axis.imshow(grid[stream].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        image = axis.imshow(grid[stream].numpy(), cmap=cmap, norm=norm, aspect="auto")
         for i in range(num_layers):
             for j in range(num_layers + 1):
                 value = grid[stream, i, j].item()
                 if value == value:  # not NaN
-                    axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+                    axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                              color=annotation_colour(cmap(norm(value))))
+        if torch.isnan(grid[stream, num_layers - 1]).all():
+            axis.text(num_layers / 2, num_layers - 1, "none: the last connection\nmakes only the residual stream",
+                      ha="center", va="center", fontsize=6.5, color="#444444")
         axis.set_title(f"{name} stream")
         axis.set_xticks(range(num_layers + 1), ["emb"] + [f"{j}" for j in range(1, num_layers + 1)], fontsize=8)
-        axis.set_yticks(range(num_layers), [f"{i}" for i in range(num_layers)], fontsize=8)
+        axis.set_yticks(range(num_layers), [f"{i}" for i in range(num_layers - 1)] + [f"{num_layers - 1} (last)"],
+                        fontsize=8)
         axis.set_xlabel("source X_j (output of block j-1)")
         if stream == 0:
             axis.set_ylabel("connection after block i (inputs of block i+1)")
     figure.colorbar(image, ax=list(axes), shrink=0.8, label="mean weight")
     figure.suptitle(title)
+    figure.supxlabel(EMPTY_CELL_NOTE, fontsize=7.5, wrap=True)
+    return figure
+
+
+def plot_dense_weights(grid: torch.Tensor, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = heatmap_figure(grid, title)
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -166,24 +205,25 @@ def run_main_job(
     heatmap_documents: int = 64,
 ) -> dict:
     """Run the main job; returns `{"table": markdown, "scores": ..., "generations": ..., "dense_weights": ...}`."""
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .progress import quiet_third_party, stage_bar
     from .synthetic import task_rows
 
     output, checkpoints = Path(output), Path(checkpoints)
     check_checkpoints(checkpoints)
-    # lm-eval logs a warning per task and setting; its progress bars stay
+    # lm-eval logs a warning per task and setting; its progress bars and bootstrap messages go (quiet_third_party)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     output.mkdir(parents=True, exist_ok=True)
     manager = task_manager(include_path=str(tasks_dir), include_defaults=False)
 
     scores, n_shots, raw = {}, {}, {}
     runs = [(folder, name, n) for n in shots for folder, name in MODELS]
-    for folder, name, n in tqdm(runs, desc="lm-eval runs (model x shots)", unit="run"):
-        results = evaluate_model(
-            checkpoints / folder, list(TASKS), n, manager=manager, batch_size=batch_size, limit=limit, device="cpu"
-        )
+    for folder, name, n in stage_bar(runs, desc=f"1/3 lm-eval runs ({len(TASKS)} tasks each)", unit="run"):
+        with quiet_third_party():
+            results = evaluate_model(
+                checkpoints / folder, list(TASKS), n, manager=manager, batch_size=batch_size, limit=limit, device="cpu"
+            )
         scores[(name, n)] = {(task, metric): metric_value(results, task, metric) for task, metric, *_ in TABLE_ROWS}
         n_shots.update({(task, n): results["n-shot"].get(task, n) for task in TASKS})
         raw[f"{name} {n}-shot"] = {"results": results["results"], "n-shot": results["n-shot"]}
@@ -191,13 +231,14 @@ def run_main_job(
 
     models, logs = {}, {}
     for folder, name in MODELS:
-        models[name] = AutoModelForCausalLM.from_pretrained(checkpoints / folder, trust_remote_code=True).eval()
+        with quiet_third_party():
+            models[name] = AutoModelForCausalLM.from_pretrained(checkpoints / folder, trust_remote_code=True).eval()
         log_path = checkpoints / folder / "training_log.json"
         logs[name] = json.loads(log_path.read_text()) if log_path.is_file() else {}
     tokenizer = AutoTokenizer.from_pretrained(checkpoints / MODELS[1][0])
 
     generations = []
-    for prompt, expected in tqdm(sample_prompts(), desc="sample generations", unit="prompt"):
+    for prompt, expected in stage_bar(sample_prompts(), desc="2/3 sample generations", unit="prompt"):
         generations.append(
             {"prompt": prompt, "expected": expected,
              **{name: greedy_continuation(model, tokenizer, prompt) for name, model in models.items()}}
@@ -205,7 +246,9 @@ def run_main_job(
 
     mudd_name = MODELS[1][1]
     texts = [row["text"] for row in task_rows("mudd_synth_perplexity", "test")[:heatmap_documents]]
-    mean_weights = mean_dense_weights(models[mudd_name], tokenizer, texts)
+    mean_weights = mean_dense_weights(
+        models[mudd_name], tokenizer, stage_bar(texts, desc="3/3 dense-connection weights", unit="document")
+    )
     grid = dense_weight_grid(mean_weights)
     plot_dense_weights(
         grid, output / "dense_weights_heatmap.png",
@@ -218,7 +261,7 @@ def run_main_job(
     (output / "lm_eval_results.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print(report)
     print(f"Wrote {output / 'tiny_models_table.md'}, {output / 'lm_eval_results.json'}, "
-          f"{output / 'dense_weights_heatmap.png'}")
+          f"{output / 'dense_weights_heatmap.png'}, {output / 'dense_weights.json'}")
     return {"table": table, "scores": scores, "generations": generations, "dense_weights": mean_weights,
             "report": report}
 
@@ -246,5 +289,5 @@ def _report(table: str, generations: list[dict], logs: dict, shots: tuple[int, .
     ]
     for row in generations:
         lines.append(f"| `{row['prompt']}` | {row['expected']} | {row[plain]} | {row[mudd]} |")
-    lines += ["", "Dense-connection weights: `dense_weights_heatmap.png`.", ""]
+    lines += ["", "Dense-connection weights: `dense_weights_heatmap.png` (values: `dense_weights.json`).", ""]
     return "\n".join(lines)

@@ -69,3 +69,21 @@ def test_compiled_metrics_run_on_a_tiny_size(tmp_path):
     (case,) = json.loads((tmp_path / "results.json").read_text())["cases"]
     assert set(case["metrics"]) == {"compiled_train_step"} and not case["failures"]
     assert all(metric["ratio"] > 0 for metric in case["metrics"].values())
+
+
+def test_each_metric_prints_one_labelled_ratio():
+    summary = run.summarize({"plain": [1.0, 2.0, 4.0], "mudd": [1.5, 2.2, 4.0]}, higher_is_better=False)
+    line = run.metric_line("forward", summary, "cpu")
+    assert line.count("ratio") == 0 and line.count(" = ") == 1 and "MUDD/plain time = 1.100 (lower is better, per-repeat 1.000..1.500)" in line
+    assert "target <= 1.030: MISSED" in line
+    speed = run.metric_line("decode", run.summarize({"plain": [10.0], "mudd": [9.7]}, higher_is_better=True), "cpu")
+    assert "MUDD/plain speed = 0.970 (higher is better)" in speed and "met" in speed
+
+
+def test_quick_mode_fills_only_what_was_not_given():
+    quick = run.parse_args(["--quick"])
+    assert (quick.repeats, quick.warmup, quick.new_tokens, quick.seq_lens) == (3, 1, 8, [256])
+    given = run.parse_args(["--quick", "--repeats", "7", "--seq-lens", "64"])
+    assert (given.repeats, given.seq_lens) == (7, [64])
+    full = run.parse_args([])
+    assert (full.repeats, full.warmup, full.new_tokens, full.seq_lens) == (5, 1, 32, [512])

@@ -162,3 +162,67 @@ def test_shipped_remote_code_is_the_package_code():
     package = Path(__file__).resolve().parent.parent / "modeling_muddpythia"
     for name in shipped:
         assert (folder / name).read_text() == (package / name).read_text(), f"{name} is stale: copy it from the package"
+
+
+def _contrast(colour_a, colour_b) -> float:
+    """WCAG 2 contrast ratio, written out here as the reference for the heatmap's text colours."""
+    import matplotlib.colors
+
+    def luminance(colour):
+        channels = []
+        for c in matplotlib.colors.to_rgb(colour):
+            channels.append(c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * channels[0] + 0.7152 * channels[1] + 0.0722 * channels[2]
+
+    high, low = sorted((luminance(colour_a), luminance(colour_b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_heatmap_values_are_readable_and_the_empty_row_is_explained():
+    import matplotlib.pyplot as plt
+
+    from modeling_muddpythia.main_job import EMPTY_CELL_NOTE, heatmap_figure
+
+    num_layers = 4
+    grid = torch.full((len(STREAMS), num_layers, num_layers + 1), float("nan"), dtype=torch.float64)
+    values = torch.linspace(-3.5, 3.5, 4 * 15, dtype=torch.float64).reshape(4, 15)
+    for c in range(len(STREAMS)):
+        k = 0
+        for i in range(num_layers if c == len(STREAMS) - 1 else num_layers - 1):
+            for j in range(i + 2):
+                grid[c, i, j] = values[c, k % 15]
+                k += 1
+    grid[0, 0, 0], grid[3, 0, 0] = -3.5, 3.5
+    figure = heatmap_figure(grid, "test")
+    try:
+        checked = 0
+        for axis in figure.axes[: len(STREAMS)]:
+            image = axis.images[0]
+            for text in axis.texts:
+                if text.get_text().startswith("none"):
+                    continue
+                j, i = (int(round(v)) for v in text.get_position())
+                cell = image.cmap(image.norm(float(text.get_text())))
+                assert _contrast(cell, text.get_color()) >= 4.5, (text.get_text(), text.get_color())
+                checked += 1
+        assert checked == int((~torch.isnan(grid)).sum())
+        # the strongest weights (darkest cells) are written in white, the near-zero ones in black
+        texts = {t.get_text(): t.get_color() for axis in figure.axes[:4] for t in axis.texts}
+        assert texts["3.50"] == "white" and texts["-3.50"] == "white"
+        for axis in figure.axes[:3]:  # q, k, v panels: the empty last row says why
+            assert any("only the residual stream" in t.get_text() for t in axis.texts)
+        assert not any(t.get_text().startswith("none") for t in figure.axes[3].texts)
+        assert "residual stream" in EMPTY_CELL_NOTE and figure._supxlabel.get_text() == EMPTY_CELL_NOTE
+    finally:
+        plt.close(figure)
+
+
+def test_main_job_output_has_no_third_party_noise(tmp_path, capfd):
+    run_main_job(output=tmp_path, shots=(0,), batch_size=8, limit=2, heatmap_documents=2)
+    out, err = capfd.readouterr()
+    assert "bootstrapping for stddev" not in out + err
+    assert "Running loglikelihood requests" not in err and "Loading weights" not in err
+    stages = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert {line.split(":")[0] for line in stages} <= {
+        "1/3 lm-eval runs (5 tasks each)", "2/3 sample generations", "3/3 dense-connection weights"}, stages[:5]
+    assert "dense_weights.json" in out

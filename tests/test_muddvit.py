@@ -378,7 +378,7 @@ def test_vit_npz_conversion_matches_reference(tmp_path):
     arrays = synthetic_npz_arrays()
     out = convert_vit_npz(write_npz(tmp_path / "vit.npz", arrays), tmp_path / "converted")
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "configuration_mudd.py", "configuration_muddvit.py", "model.safetensors",
+        "README.md", "config.json", "configuration_mudd.py", "configuration_muddvit.py", "model.safetensors",
         "modeling_mudd_decoder.py", "modeling_muddvit.py", "mudd.py", "mudd_triton.py", "preprocessor_config.json",
     ]
     model = AutoModelForImageClassification.from_pretrained(out).eval()
