@@ -97,6 +97,21 @@ def _safetensors_error(path: Path, error: Exception) -> ConversionError:
     return ConversionError(f"{display(path)}: not a valid safetensors file, it may be truncated or corrupt ({error})")
 
 
+def open_safetensors(path: Path):
+    """`safe_open(path)`, with the file opened by us first: the library reports every failure to open (a permission
+    problem too) as "No such file", and takes only UTF-8 file names; a name that is not is passed as
+    `/proc/self/fd/N` (Linux), which names the same file in ASCII."""
+    fd = os.open(path, os.O_RDONLY)  # raises the real OSError (permission denied, not a file, ...)
+    try:
+        try:
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:
+            return safe_open(f"/proc/self/fd/{fd}", framework="pt")
+        return safe_open(path, framework="pt")
+    finally:
+        os.close(fd)
+
+
 class _SafetensorsFile:
     """One `.safetensors` file opened with the safetensors library (`safe_open`): the library validates the header
     (dtypes, shapes, offsets that tile the data exactly, file size) and reads one tensor at a time."""
@@ -104,7 +119,7 @@ class _SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self._handle = safe_open(path, framework="pt")
+            self._handle = open_safetensors(path)
             self._handle.__enter__()
             self.entries: dict[str, TensorInfo] = {}
             for name in self._handle.keys():

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments,
 )
@@ -43,6 +43,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from mudd_commands.finetune import LORA_TARGET_MODULES, MUDDIFIABLE, build_parser  # noqa: F401  (public names)
 
+from .convert_io import open_safetensors
 from .modeling_mudd_decoder import MUDDDecoderForCausalLM
 from .mudd import MUDDDenseConnections
 from .muddify import muddify
@@ -494,7 +495,7 @@ def _weights_problem(folder: Path) -> str | None:
         return "no model weights (model.safetensors)"
     for file in files:
         try:
-            with safe_open(file, framework="pt") as handle:
+            with open_safetensors(file) as handle:
                 for name in handle.keys():
                     bad = _nonfinite_weights([(name, handle.get_tensor(name))])
                     if bad:
