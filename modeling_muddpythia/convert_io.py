@@ -596,3 +596,45 @@ class ShardedSafetensorsWriter:
                 path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             except OSError as error:
                 raise reraise_with_path(error, path) from None
+
+
+# ---------------------------------------------------------------------------------------------------- completeness
+_OUR_MODEL_TYPES = ("muddpythia", "muddformer", "muddvit")
+
+
+def missing_weights(folder: str | os.PathLike) -> list[str] | None:
+    """The parameters and persistent buffers a saved MUDD model folder needs but its safetensors weights lack
+    (tied weights excepted), read from the file headers and a model built on the meta device: nothing is loaded.
+    None when the folder is not one of our model types or its weights are not safetensors (not checked here)."""
+    folder = Path(folder)
+    try:
+        config_data = json.loads((folder / "config.json").read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if config_data.get("model_type") not in _OUR_MODEL_TYPES:
+        return None
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if index.is_file():
+        saved = set(_read_index(index))
+    elif single.is_file():
+        try:
+            with open_safetensors(single) as handle:
+                saved = set(handle.keys())
+        except (SafetensorError, OSError) as error:
+            raise ConversionError(f"{display(single)}: cannot read it ({error})") from None
+    else:
+        return None
+    import modeling_muddpythia  # noqa: F401  (registers our classes)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    auto = AutoModelForImageClassification if config.model_type == "muddvit" else AutoModelForCausalLM
+    architectures = config_data.get("architectures") or []
+    if architectures and not architectures[0].endswith(("ForCausalLM", "ForImageClassification")):
+        auto = AutoModel
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    expected = set(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected -= set(getattr(model, "_tied_weights_keys", None) or {})
+    return sorted(expected - saved)

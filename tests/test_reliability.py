@@ -450,3 +450,20 @@ def test_muddify_does_not_offer_vit():
 
     help_text = " ".join(build_parser().format_help().split())
     assert "GPTNeoXForCausalLM (Pythia) or LlamaForCausalLM" in help_text and "ViT" not in help_text
+
+
+# ---------------------------------------------------------------------------------------------------- mudd-eval
+def test_eval_refuses_a_model_folder_with_missing_weights(tmp_path, capsys):
+    from modeling_muddpythia.convert_io import missing_weights
+    from modeling_muddpythia.evaluation import run_table3
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(REPO / "checkpoints" / "tiny-muddpythia", folder)
+    assert missing_weights(folder) == []
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.dense.layers.1.proj_in.weight"], weights["model.norm.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert missing_weights(folder) == ["model.dense.layers.1.proj_in.weight", "model.norm.weight"]
+    assert run_table3(folder, tmp_path / "table") == 2
+    assert "the saved weights lack 2 tensors the model needs" in capsys.readouterr().err
+    assert not (tmp_path / "table").exists()
