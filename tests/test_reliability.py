@@ -25,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert_fixtures import PAX, Shapes, authors_tensors, pax_tensors, spec_from_authors
-from test_convert import assert_matches_reference, cast, leftovers, write_authors
+from convert_fixtures import PAX, Shapes, authors_tensors, pax_tensors
+from test_convert import cast, leftovers, write_authors
 from modeling_muddpythia import convert_io
 from modeling_muddpythia.convert import main as convert_main
 from modeling_muddpythia.convert_io import ShardedSafetensorsWriter, open_safetensors
@@ -270,7 +270,7 @@ def test_a_bad_tokenizer_fails_before_any_weight_is_written(source, tmp_path, ca
     writes = []
     monkeypatch.setattr(ShardedSafetensorsWriter, "write", lambda self, name, tensor: writes.append(name))
     assert authors(source, tmp_path / "out", "--tokenizer", tmp_path / "nowhere") == 1
-    assert "--tokenizer" in capsys.readouterr().err and "no such file or directory" in capsys.readouterr().err + "no such file or directory"
+    assert f"--tokenizer {tmp_path / 'nowhere'}: no such file or directory" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert authors(source, tmp_path / "out", "--tokenizer", empty) == 1
