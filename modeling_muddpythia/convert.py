@@ -30,8 +30,8 @@ import torch
 from mudd_commands.convert import FORMATS, build_parser, parse_size  # noqa: F401  (public names kept here)
 
 from .convert_io import (
-    FLOAT_DTYPES, ConversionError, RenamedSource, ShardedSafetensorsWriter, TensorSource, open_flat_or_directory,
-    open_weights,
+    FLOAT_DTYPES, ConversionError, RenamedSource, SafetensorError, ShardedSafetensorsWriter, TensorSource,
+    open_flat_or_directory, open_weights, write_failure_message,
 )
 from .convert_plans import (
     FAMILIES, MAXTEXT_SHAPES, PAX_SHAPES, AtLeast, Family, KeyPlan, authors_config, authors_plan, config_from_shapes,
@@ -593,8 +593,10 @@ def tokenizer_files(options: Options, folder: Path | None) -> list[Path]:
 def _write(options: Options, prepared: Prepared, run: _Conversion, staging: Path) -> None:
     try:
         run.write_metadata(staging)  # first: save_pretrained clears weight files it did not write
-    except OSError as error:
-        raise ConversionError(describe_os_error(error, staging, "write the config and code")) from None
+    except OSError as error:  # its errors may name the file being copied, not the output
+        raise ConversionError(
+            describe_os_error(OSError(error.errno, error.strerror), options.output, "write the config and code into it")
+        ) from None
     writer = run.write_weights(staging)
     _log(f"wrote {len(writer.weight_map)} tensors ({writer.total_bytes / 1e9:.2f} GB) in {len(writer.files)} shard(s)")
     tokenizer = run.copy_tokenizer(staging)
@@ -666,6 +668,12 @@ def _guarded(output: Path, body: Callable[[], int]) -> int:
         return 1
     except OSError as error:
         _log(f"error: {describe_os_error(error)}")
+        return 1
+    except (SafetensorError, RuntimeError) as error:  # a failed write inside safetensors / torch
+        message = write_failure_message(error, output)
+        if message is None:
+            raise
+        _log(f"error: {message}")
         return 1
     except UnicodeError as error:  # a path or text that cannot be encoded: name what failed
         _log(f"error: {display(output)}: {error}")

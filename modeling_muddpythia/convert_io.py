@@ -112,6 +112,19 @@ def open_safetensors(path: Path):
         os.close(fd)
 
 
+def write_failure_message(error: Exception, path: str | os.PathLike) -> str | None:
+    """One line for a failed write inside safetensors or torch.save, which raise their own error types and name the
+    OS error only in the text ("... (os error 27)"); None for an error that is not a failed write."""
+    text = " ".join(str(error).split())
+    match = re.search(r"os error (\d+)", text)
+    if match:
+        number = int(match.group(1))
+        return describe_os_error(OSError(number, os.strerror(number)), path, "save into it")
+    if isinstance(error, SafetensorError) or "write" in text.lower():
+        return f"{display(path)}: cannot save into it: {text}"
+    return None
+
+
 class _SafetensorsFile:
     """One `.safetensors` file opened with the safetensors library (`safe_open`): the library validates the header
     (dtypes, shapes, offsets that tile the data exactly, file size) and reads one tensor at a time."""

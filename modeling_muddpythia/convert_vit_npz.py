@@ -262,7 +262,12 @@ def _write_atomically(output_dir: Path, write, *, force: bool, log: Callable[[st
         remove_stale(output_dir, log)
         staging = make_staging(output_dir)
         try:
-            write(staging)
+            try:
+                write(staging)
+            except OSError as error:  # save_pretrained's errors may name the file being copied, not the output
+                if error.errno is None:
+                    raise
+                raise type(error)(error.errno, error.strerror, os.fspath(output_dir)) from None
             publish(staging, output_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

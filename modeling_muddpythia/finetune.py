@@ -43,7 +43,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from mudd_commands.finetune import LORA_TARGET_MODULES, MUDDIFIABLE, build_parser  # noqa: F401  (public names)
 
-from .convert_io import open_safetensors
+from .convert_io import open_safetensors, write_failure_message
 from .modeling_mudd_decoder import MUDDDecoderForCausalLM
 from .mudd import MUDDDenseConnections
 from .muddify import muddify
@@ -658,6 +658,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except OSError as error:
         print(f"mudd-finetune: error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
+    except (SafetensorError, RuntimeError) as error:
+        message = write_failure_message(error, args.output)
+        if message is None:
+            raise
+        print(f"mudd-finetune: error: {message}", file=sys.stderr)
         return 1
     except ImportError as error:
         print(f"mudd-finetune: error: {error}", file=sys.stderr)

@@ -587,3 +587,21 @@ def test_attention_mask_of_the_wrong_length_is_an_error():
     model(step, attention_mask=torch.ones(2, 7, dtype=torch.long), past_key_values=out.past_key_values)
     with pytest.raises(ValueError, match=r"expected cached \+ new tokens = 7 \+ 1 = 8"):
         model(step, attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=out.past_key_values)
+
+
+def test_file_size_limit_while_saving_is_one_line(workspace, tmp_path):
+    """`ulimit -f` (or a full disk) while a checkpoint is written: one line naming the cause, exit code 1."""
+    import resource
+
+    limit = 60_000  # the config and tokenizer fit, the weights (about 250 KB) do not
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    argv = cli_args(workspace["model"], workspace["data"], tmp_path / "out", "--max-steps", 2, "--save-steps", 1)
+    env = dict(os.environ, **OFFLINE_ENV, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "mudd_commands.finetune", *argv], capture_output=True, text=True,
+                            preexec_fn=set_limit, env=env, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert "file size limit" in lines[0] and str(tmp_path / "out") in lines[0], lines

@@ -467,3 +467,23 @@ def test_eval_refuses_a_model_folder_with_missing_weights(tmp_path, capsys):
     assert run_table3(folder, tmp_path / "table") == 2
     assert "the saved weights lack 2 tensors the model needs" in capsys.readouterr().err
     assert not (tmp_path / "table").exists()
+
+
+def test_file_size_limit_in_the_vit_npz_path_is_one_line(tmp_path):
+    """vit-npz saves with save_pretrained: safetensors' own write error (naming the OS error only in its text)."""
+    from test_muddvit import synthetic_npz_arrays, write_npz
+
+    npz = write_npz(tmp_path / "vit.npz", synthetic_npz_arrays())
+    limit = 20_000
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mudd_commands.convert", "--format", "vit-npz", "--input", str(npz),
+         "--output", str(tmp_path / "out")], capture_output=True, text=True, preexec_fn=set_limit, cwd=REPO,
+    )
+    lines = error_lines(result.stderr)
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert f"{tmp_path / 'out'}: the file size limit was reached (ulimit -f)" in lines[0]
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
