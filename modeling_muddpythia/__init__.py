@@ -1,8 +1,9 @@
 """MUDD (multiway dynamic dense) models for Hugging Face transformers.
 
 Importing the package registers the MUDD configs and models with transformers' Auto classes. The one exception is
-the `mudd` command (`mudd ...` or `python -m modeling_muddpythia.cli ...`): it parses its arguments first, so that
-`mudd --help` answers without importing torch and transformers (seconds), and then calls `load_package()`.
+the commands `mudd`, `mudd-convert` and `mudd-finetune` (also as `python -m modeling_muddpythia.cli`, `.cli_convert`,
+`.cli_finetune`): they parse their arguments first, so that `--help` answers without importing torch and
+transformers (seconds), and then load what they need.
 """
 
 import importlib
@@ -58,12 +59,18 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
 
+# The commands that parse their arguments before the package is loaded, as console scripts and as `-m` modules.
+_LIGHT_COMMANDS = {"mudd": "cli", "mudd-convert": "cli_convert", "mudd-finetune": "cli_finetune"}
+
+
 def _started_as_mudd_command() -> bool:
-    """True while the `mudd` console script or `python -m modeling_muddpythia.cli` is starting."""
-    if sys.argv and os.path.basename(sys.argv[0]).removesuffix(".exe").removesuffix("-script.py") == "mudd":
+    """True while `mudd`, `mudd-convert` or `mudd-finetune` (or `python -m modeling_muddpythia.cli[_convert|
+    _finetune]`) is starting."""
+    if sys.argv and os.path.basename(sys.argv[0]).removesuffix(".exe").removesuffix("-script.py") in _LIGHT_COMMANDS:
         return True
     argv = list(getattr(sys, "orig_argv", []))
-    return "-m" in argv and argv[argv.index("-m") + 1: argv.index("-m") + 2] == [f"{__name__}.cli"]
+    modules = {f"{__name__}.{module}" for module in _LIGHT_COMMANDS.values()}
+    return "-m" in argv and argv[argv.index("-m") + 1: argv.index("-m") + 2] in [[module] for module in modules]
 
 
 if not _started_as_mudd_command():

@@ -2,10 +2,12 @@
 
     mudd-convert --format authors-pytorch --input MUDDPythia-1.4B --output muddpythia-1.4b-hf [--verify]
 
-The conversion streams tensor by tensor (peak memory ~ the largest tensor, not the checkpoint), writes into a
-temporary sibling of the output folder and renames it only when everything, including `--verify`, succeeded:
-an error or an interrupt never leaves a partial output folder. Exit codes: 0 success, 1 conversion error,
-2 bad command line, 130 interrupted.
+The conversion streams tensor by tensor (peak memory ~ the largest tensor, not the checkpoint), holds an exclusive
+claim on the output for the whole run (a second run on the same output fails), writes into a hidden sibling of the
+output folder, fsyncs it and renames it only when everything, including `--verify`, succeeded: an error or an
+interrupt never leaves a partial output folder, and the staging folders of killed runs are removed by the next
+run. Exit codes: 0 success, 1 conversion or file error (one line naming the path and the cause), 2 bad command
+line, 130 interrupted. The argument parser lives in `modeling_muddpythia.cli_convert` (no torch import before parsing).
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -27,17 +27,22 @@ from pathlib import Path
 
 import torch
 
+from modeling_muddpythia.cli_convert import FORMATS, build_parser, parse_size  # noqa: F401  (public names kept here)
+
 from .convert_io import (
-    ConversionError, RenamedSource, ShardedSafetensorsWriter, TensorSource, open_flat_or_directory, open_weights, parse_size,
+    FLOAT_DTYPES, ConversionError, RenamedSource, SafetensorError, ShardedSafetensorsWriter, TensorSource,
+    open_flat_or_directory, open_weights, write_failure_message,
 )
 from .convert_plans import (
-    FAMILIES, MAXTEXT_SHAPES, PAX_SHAPES, Family, KeyPlan, authors_config, authors_plan, config_from_shapes, format_shape,
-    gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan, llama_config, llama_plan, maxtext_canonical_name,
-    maxtext_plan, pax_canonical_name, pax_family, pax_plan, shape_matches,
+    FAMILIES, MAXTEXT_SHAPES, PAX_SHAPES, AtLeast, Family, KeyPlan, authors_config, authors_plan, config_from_shapes,
+    format_shape, gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan, llama_config, llama_plan,
+    maxtext_canonical_name, maxtext_plan, pax_canonical_name, pax_family, pax_plan, shape_matches,
+)
+from .safe_output import (
+    Claim, OutputError, describe_os_error, display, make_staging, publish, remove_stale, same_or_nested,
 )
 
 
-FORMATS = ("authors-pytorch", "pax", "maxtext", "gpt-neox", "llama", "vit-npz")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -66,6 +71,7 @@ class Options:
     force: bool = False
     strict: bool = False
     allow_pickle: bool = False
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -85,11 +91,17 @@ class Prepared:
 # ---------------------------------------------------------------------------------------------------- preparation
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise ConversionError(f"{what} not found: {path}")
+        raise ConversionError(f"{what} not found: {display(path)}")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"{path}: not valid JSON ({error})") from None
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        raise ConversionError(describe_os_error(error, path, "read it")) from None
+    except UnicodeDecodeError as error:
+        raise ConversionError(f"{display(path)}: not UTF-8 text ({error})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{display(path)}: not valid JSON ({error})") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return data
@@ -123,6 +135,11 @@ def _prepare_authors(options: Options) -> Prepared:
         prepared.not_runnable = "the authors' config.json has no auto_map entry for AutoModelForCausalLM"
     elif "--" in reference or not module_file.is_file():
         prepared.not_runnable = f"the authors' modeling code ({reference}) is not in {folder}"
+    elif not options.trust_remote_code:
+        prepared.not_runnable = (
+            f"running it would import the input's own Python code ({module_file.name}); pass --trust-remote-code "
+            "to allow that"
+        )
     else:
         def load_authors_model(dtype: torch.dtype):
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -171,18 +188,26 @@ def _prepare_plain(options: Options) -> Prepared:
     found = _read_json(folder / "config.json", "config.json").get("model_type")
     if found != expected:
         raise ConversionError(f"--format {options.format} expects model_type {expected!r} in {folder / 'config.json'}, found {found!r}")
-    try:
-        source_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as error:
+    try:  # never the folder's own code: the model type is a built-in one
+        source_config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as error:
         raise ConversionError(f"{folder / 'config.json'}: transformers cannot read it ({error})") from None
     family = _check_model_type(options.model_type, "muddpythia" if expected == "gpt_neox" else "muddformer", f"--format {options.format}")
-    config = gpt_neox_config(source_config) if expected == "gpt_neox" else llama_config(source_config)
+    layers = source_config.num_hidden_layers
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ConversionError(f"{folder / 'config.json'}: num_hidden_layers is {layers!r}; a model needs at least 1 layer")
+    try:
+        config = gpt_neox_config(source_config) if expected == "gpt_neox" else llama_config(source_config)
+    except (ValueError, TypeError) as error:
+        raise ConversionError(f"{folder / 'config.json'}: cannot build the MUDD config from it ({error})") from None
     plan = gpt_neox_plan(config) if expected == "gpt_neox" else llama_plan(config)
     source = open_weights(folder, options.allow_pickle)
     if expected == "gpt_neox":
         source = RenamedSource(source, gpt_neox_canonical_name)
     prepared = Prepared(source, family, config, plan, folder)
-    prepared.load_source_model = lambda dtype: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    prepared.load_source_model = lambda dtype: AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, local_files_only=True, trust_remote_code=False
+    )
     return prepared
 
 
@@ -210,7 +235,8 @@ def check_plan(prepared: Prepared, format_name: str, target_shapes: dict[str, tu
     plan, source = prepared.plan, prepared.source
     names = set(source.names())
     used: set[str] = set()
-    missing, wrong = [], []
+    missing, wrong, not_float = [], [], []
+    padded: dict[int, list[tuple[str, int]]] = {}  # AtLeast(n) -> (source name, actual size)
     for rule in plan.rules:
         for name, shape in zip(rule.sources, rule.source_shapes):
             if name in used:
@@ -219,12 +245,31 @@ def check_plan(prepared: Prepared, format_name: str, target_shapes: dict[str, tu
             if name not in names:
                 missing.append(f"{name!r}: expected {rule.what}, shape {format_shape(shape)}")
                 continue
-            actual = source.info(name).shape
+            info = source.info(name)
+            if info.dtype not in FLOAT_DTYPES:
+                not_float.append(f"{name!r} ({rule.what}) has dtype {info.dtype_name}")
+            actual = info.shape
             if not shape_matches(shape, actual):
                 wrong.append(f"{name!r} has shape {list(actual)}, expected {format_shape(shape)} ({rule.what})")
+                continue
+            for expected, size in zip(shape, actual):
+                if isinstance(expected, AtLeast):
+                    padded.setdefault(int(expected), []).append((name, size))
     ignored = {name: reason for name in names - used if (reason := plan.ignore_reason(name))}
     unexpected = sorted(names - used - set(ignored))
     problems = []
+    if not_float:
+        problems.append(
+            "integer or quantized source tensors (their scales are not part of this layout, so a cast to float "
+            f"would give wrong weights; dequantize them to float16/bfloat16/float32 first):{_listing(not_float)}"
+        )
+    for size, found in padded.items():
+        if len({actual for _, actual in found}) > 1:
+            listed = [f"{name!r}: {actual}" for name, actual in found]
+            problems.append(
+                f"the padded vocabulary dimensions disagree (the first {size} rows would be kept of each, silently "
+                f"dropping the others' extra rows):{_listing(listed)}"
+            )
     if missing:
         problems.append(f"missing keys in {source.description}:{_listing(missing)}")
     if wrong:
@@ -248,18 +293,43 @@ def check_plan(prepared: Prepared, format_name: str, target_shapes: dict[str, tu
     extra = sorted(set(produced) - set(target_shapes))
     if extra:
         raise RuntimeError(f"plan bug: targets the model does not have: {extra[:5]}")
+    for size, found in padded.items():
+        if found[0][1] > size:
+            _log(f"keeping the first {size} of {found[0][1]} vocabulary rows (padding) of {[name for name, _ in found]}")
     return ignored
 
 
+_PRECISION = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _source_dtypes(prepared: Prepared) -> Counter:
+    """How many planned source tensors each (floating) dtype has."""
+    return Counter(prepared.source.info(name).dtype for rule in prepared.plan.rules for name in rule.sources)
+
+
 def _source_dtype(prepared: Prepared) -> torch.dtype:
-    """The floating dtype holding most of the planned source numbers."""
-    weights: Counter = Counter()
-    for rule in prepared.plan.rules:
-        for name in rule.sources:
-            info = prepared.source.info(name)
-            if info.dtype.is_floating_point:
-                weights[info.dtype] += math.prod(info.shape)
-    return weights.most_common(1)[0][0] if weights else torch.float32
+    """The output dtype when none is asked for: the source's, or when sources mix float dtypes the widest one (float32
+    over bfloat16/float16), so that nothing is rounded without being asked; mixed bfloat16 and float16 alone (neither
+    holds the other) become float32."""
+    counts = _source_dtypes(prepared)
+    if not counts:
+        return torch.float32
+    if len(counts) == 1:
+        return next(iter(counts))
+    widest = max(counts, key=lambda dtype: _PRECISION[dtype])
+    if widest in (torch.float16, torch.bfloat16):
+        widest = torch.float32
+    mix = ", ".join(f"{n} {str(d).removeprefix('torch.')}" for d, n in counts.most_common())
+    _log(f"the source tensors mix dtypes ({mix}); writing {str(widest).removeprefix('torch.')} so that nothing is "
+         "rounded (pass --dtype to choose)")
+    return widest
+
+
+def _report_downcast(prepared: Prepared, dtype: torch.dtype) -> None:
+    narrower = {d: n for d, n in _source_dtypes(prepared).items() if d != dtype and _PRECISION[d] >= _PRECISION[dtype]}
+    for source_dtype, count in narrower.items():
+        _log(f"--dtype {str(dtype).removeprefix('torch.')}: rounding {count} {str(source_dtype).removeprefix('torch.')} "
+             "source tensors")
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -323,6 +393,8 @@ class _Conversion:
         self.target_shapes = _target_shapes(self.model, prepared.config)
         self.ignored = check_plan(prepared, options.format, self.target_shapes)
         self.dtype = options.dtype or _source_dtype(prepared)
+        if options.dtype is not None:
+            _report_downcast(prepared, options.dtype)
         self.reads: Counter = Counter()
         self.sums: dict[str, float] = {}
         self.nonfinite: list[str] = []
@@ -330,8 +402,14 @@ class _Conversion:
     def _emit(self, writer: ShardedSafetensorsWriter, target: str, tensor: torch.Tensor, origin: str) -> None:
         if tuple(tensor.shape) != self.target_shapes[target]:
             raise RuntimeError(f"plan bug: {target} came out as {list(tensor.shape)}, expected {list(self.target_shapes[target])}")
+        before = _scan(tensor)[1] if tensor.dtype != self.dtype else None
         tensor = tensor.to(self.dtype)
         self.sums[target], nonfinite = _scan(tensor)
+        if before is not None and nonfinite > before:
+            raise ConversionError(
+                f"{target} (from {origin}): {nonfinite - before} finite values overflow {str(self.dtype).removeprefix('torch.')}; "
+                "choose a wider --dtype"
+            )
         if nonfinite:
             message = f"{target} (from {origin}) has {nonfinite} non-finite values"
             if self.options.strict:
@@ -368,17 +446,14 @@ class _Conversion:
             self.model.to(self.dtype).save_pretrained(directory, state_dict={})
 
     def copy_tokenizer(self, directory: Path) -> list[str]:
-        origin = self.options.tokenizer or self.prepared.folder
-        if origin is None:
-            return []
-        if origin.is_file():
-            shutil.copy2(origin, directory / origin.name)
-            return [origin.name]
-        copied = [name for name in TOKENIZER_FILES if (origin / name).is_file()]
-        if self.options.tokenizer is not None and not copied:
-            raise ConversionError(f"--tokenizer {origin}: none of {list(TOKENIZER_FILES)} found")
-        for name in copied:
-            shutil.copy2(origin / name, directory / name)
+        """Copy the files `tokenizer_files` found (content only: the copies' modes follow the umask)."""
+        copied = []
+        for path in tokenizer_files(self.options, self.prepared.folder):
+            try:
+                shutil.copyfile(path, directory / path.name)
+            except OSError as error:
+                raise ConversionError(describe_os_error(error, path, f"copy it to {display(directory)}")) from None
+            copied.append(path.name)
         return copied
 
     def write_card(self, directory: Path) -> None:
@@ -389,16 +464,19 @@ class _Conversion:
                 shutil.copy2(card, directory / "README.md")
                 return
         parameters = sum(math.prod(shape) for shape in self.target_shapes.values())
+        # Names as printable text: a file name that is not UTF-8 must not fail the card after all weights are written.
+        output_name, input_name = display(options.output.name), display(options.input.name)
         (directory / "README.md").write_text(
             f"---\nlibrary_name: transformers\ntags:\n- mudd\n- {config.model_type}\n---\n\n"
-            f"# {options.output.name}\n\n"
+            f"# {output_name}\n\n"
             f"A {config.model_type} model ({config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
             f"{parameters / 1e9:.2f}B parameters) with multiway dynamic dense (MUDD) connections, converted with "
-            f"`mudd-convert --format {options.format}` from `{options.input.name}`.\n\n"
+            f"`mudd-convert --format {options.format}` from `{input_name}`.\n\n"
             "```python\nfrom transformers import AutoModelForCausalLM\n\n"
-            f'model = AutoModelForCausalLM.from_pretrained("{options.output.name}", trust_remote_code=True)\n```\n\n'
+            f'model = AutoModelForCausalLM.from_pretrained("{output_name}", trust_remote_code=True)\n```\n\n'
             "This card is a stub written by the converter: add the source checkpoint's training data, evaluation "
-            "results, license and citation.\n"
+            "results, license and citation.\n",
+            encoding="utf-8",
         )
 
 
@@ -463,116 +541,103 @@ def verify(run: _Conversion, directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
+def input_model_path(format_name: str, path: Path) -> Path:
+    """What counts as the input model for the overlap checks: the folder of an authors' release (also when a weights
+    file inside it is given), else the file or folder given."""
+    if format_name == "authors-pytorch" and not path.is_dir():
+        return path.parent
+    return path
+
+
+def check_output_path(output: Path, inputs: dict[str, Path], force: bool) -> None:
+    """Refuse an output that is, contains or lies inside one of `inputs` (name -> path), or that exists (unless
+    `force`, and then only a folder)."""
+    for what, path in inputs.items():
+        if same_or_nested(output, path):
+            relation = ("is" if output.resolve() == path.resolve()
+                        else "contains" if path.resolve().is_relative_to(output.resolve()) else "lies inside")
+            raise ConversionError(f"--output {display(output)} {relation} {what} {display(path)}; "
+                                  "writing there would replace or mix with it: choose another folder")
+    if output.exists() or output.is_symlink():
+        if not output.is_dir():
+            raise ConversionError(f"--output {display(output)} exists and is not a directory")
+        if not force:
+            raise ConversionError(f"--output {display(output)} already exists; pass --force to replace it")
+
+
 def _check_paths(options: Options) -> None:
-    source, output = options.input.resolve(), options.output.resolve()
     if not options.input.exists():
-        raise ConversionError(f"--input {options.input}: no such file or directory")
-    if source.is_relative_to(output):
-        raise ConversionError(f"--output {options.output} would replace the input {options.input}")
-    if options.output.exists() or options.output.is_symlink():
-        if not options.output.is_dir():
-            raise ConversionError(f"--output {options.output} exists and is not a directory")
-        if not options.force:
-            raise ConversionError(f"--output {options.output} already exists; pass --force to replace it")
+        raise ConversionError(f"--input {display(options.input)}: no such file or directory")
+    inputs = {"the input model": input_model_path(options.format, options.input)}
+    if options.tokenizer is not None:
+        inputs["the --tokenizer source"] = options.tokenizer
+    check_output_path(options.output, inputs, options.force)
 
 
-def _publish(temporary: Path, output: Path) -> None:
-    """Move the finished folder into place; an existing output (with --force) is replaced only at this point."""
-    if not output.exists():
-        os.replace(temporary, output)
-        return
-    holder = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-    os.replace(output, holder / output.name)
+def tokenizer_files(options: Options, folder: Path | None) -> list[Path]:
+    """The tokenizer files to copy: `--tokenizer` (a file, or the known files of a folder; an error when there are
+    none) or those of the source folder. Checked before anything is written."""
+    origin = options.tokenizer or folder
+    if origin is None:
+        return []
+    if options.tokenizer is not None and not origin.exists():
+        raise ConversionError(f"--tokenizer {display(origin)}: no such file or directory")
+    if origin.is_file():
+        return [origin]
+    found = [origin / name for name in TOKENIZER_FILES if (origin / name).is_file()]
+    if options.tokenizer is not None and not found:
+        raise ConversionError(f"--tokenizer {display(origin)}: none of {list(TOKENIZER_FILES)} found")
+    return found
+
+
+def _write(options: Options, prepared: Prepared, run: _Conversion, staging: Path) -> None:
     try:
-        os.replace(temporary, output)
-    except BaseException:
-        os.replace(holder / output.name, output)
-        raise
-    finally:
-        if output.exists():
-            shutil.rmtree(holder, ignore_errors=True)
+        run.write_metadata(staging)  # first: save_pretrained clears weight files it did not write
+    except OSError as error:  # its errors may name the file being copied, not the output
+        raise ConversionError(
+            describe_os_error(OSError(error.errno, error.strerror), options.output, "write the config and code into it")
+        ) from None
+    writer = run.write_weights(staging)
+    _log(f"wrote {len(writer.weight_map)} tensors ({writer.total_bytes / 1e9:.2f} GB) in {len(writer.files)} shard(s)")
+    tokenizer = run.copy_tokenizer(staging)
+    if tokenizer:
+        _log(f"copied tokenizer files {tokenizer}")
+    else:
+        _log("warning: no tokenizer files were found in the source, so the output folder has no tokenizer; "
+             "pass --tokenizer FOLDER (e.g. the released model's folder) to copy them")
+    run.write_card(staging)
+    for warning in prepared.warnings + run.nonfinite:
+        _log(f"warning: {warning}")
+    if options.verify:
+        verify(run, staging)
 
 
 def convert(options: Options) -> Path:
-    """Run one conversion; returns the output folder. Raises `ConversionError` (or `KeyboardInterrupt`)."""
+    """Run one conversion; returns the output folder. Raises `ConversionError`, `OutputError` (both one-line
+    messages), `OSError` (a file system error; `main` names its path) or `KeyboardInterrupt`."""
     _check_paths(options)
-    prepared = prepare(options)
-    try:
-        config = prepared.config
-        run = _Conversion(options, prepared)
-        _log(
-            f"{options.format} -> {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"{config.num_attention_heads} heads, vocab {config.vocab_size}, {run.dtype} ({len(prepared.plan.rules)} rules)"
-        )
-        options.output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{options.output.name}.partial-", dir=options.output.parent))
+    with Claim(options.output, "mudd-convert"):
+        _check_paths(options)  # again, now that no other run can create the output
+        remove_stale(options.output, _log)
+        prepared = prepare(options)
         try:
-            run.write_metadata(temporary)  # first: save_pretrained clears weight files it did not write
-            writer = run.write_weights(temporary)
-            _log(f"wrote {len(writer.weight_map)} tensors ({writer.total_bytes / 1e9:.2f} GB) in {len(writer.files)} shard(s)")
-            tokenizer = run.copy_tokenizer(temporary)
-            if tokenizer:
-                _log(f"copied tokenizer files {tokenizer}")
-            else:
-                _log("warning: no tokenizer files were found in the source, so the output folder has no tokenizer; "
-                     "pass --tokenizer FOLDER (e.g. the released model's folder) to copy them")
-            run.write_card(temporary)
-            for warning in prepared.warnings + run.nonfinite:
-                _log(f"warning: {warning}")
-            if options.verify:
-                verify(run, temporary)
-            _publish(temporary, options.output)
+            tokenizer_files(options, prepared.folder)  # a bad --tokenizer fails before any weight is written
+            config = prepared.config
+            run = _Conversion(options, prepared)
+            _log(
+                f"{options.format} -> {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                f"{config.num_attention_heads} heads, vocab {config.vocab_size}, {run.dtype} ({len(prepared.plan.rules)} rules)"
+            )
+            staging = make_staging(options.output)
+            try:
+                _write(options, prepared, run, staging)
+                publish(staging, options.output)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
-            shutil.rmtree(temporary, ignore_errors=True)
-    finally:
-        prepared.source.close()
-    _log(f"done: {options.output}")
+            prepared.source.close()
+    _log(f"done: {display(options.output)}")
     return options.output
-
-
-def _config_argument(text: str) -> dict:
-    """`--config`: inline JSON or a path to a JSON file (e.g. a preset from `configuration/`)."""
-    path = Path(text)
-    if not text.lstrip().startswith("{") and path.is_file():
-        text = path.read_text()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not a JSON object or a JSON file: {error}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-def _size_argument(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mudd-convert",
-        description="Convert the MUDD authors' checkpoints (or a plain GPT-NeoX / Llama model) into a folder that "
-        "AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) loads. The source layouts of every "
-        "--format (names, shapes, transforms) are in docs/CHECKPOINT_FORMATS.md of the repository.",
-    )
-    parser.add_argument("--format", required=True, choices=FORMATS, help="layout of --input (CHECKPOINT_FORMATS.md)")
-    parser.add_argument("--input", required=True, type=Path, help="checkpoint folder or file")
-    parser.add_argument("--output", required=True, type=Path, help="folder to create")
-    parser.add_argument("--model-type", choices=sorted(FAMILIES), help="model family, when the source does not say")
-    parser.add_argument("--config", type=_config_argument, default={}, help="JSON object or file of config fields "
-                        "for what the checkpoint cannot tell (e.g. '{\"rope_parameters\": ...}')")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the source's)")
-    parser.add_argument("--max-shard-size", type=_size_argument, default=5 * 10**9, help="largest shard (default 5GB)")
-    parser.add_argument("--tokenizer", type=Path, help="folder (or file) with tokenizer files to copy")
-    parser.add_argument("--verify", action="store_true", help="reload the result and check it (and compare logits "
-                        "with the source model where it can run)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--strict", action="store_true", help="fail on non-finite weights instead of warning")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (weights_only=True)")
-    return parser
 
 
 def _raise_interrupt(signum, frame):
@@ -584,47 +649,66 @@ def _convert_vit_npz(args: argparse.Namespace) -> int:
     from .convert_vit_npz import convert_vit_npz
 
     unsupported = [flag for flag, value in (("--model-type", args.model_type), ("--tokenizer", args.tokenizer),
-                                            ("--verify", args.verify), ("--allow-pickle", args.allow_pickle)) if value]
+                                            ("--verify", args.verify), ("--allow-pickle", args.allow_pickle),
+                                            ("--trust-remote-code", args.trust_remote_code)) if value]
     if unsupported:
         _log(f"error: {', '.join(unsupported)} do not apply to --format vit-npz")
         return 2
-    try:
-        convert_vit_npz(args.input, args.output, config_overrides=args.config or None, dtype=args.dtype or "float32",
-                        force=args.force, strict=args.strict)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        _log(f"error: {error}")
-        return 1
-    except KeyboardInterrupt:
-        _log(f"interrupted; nothing was written to {args.output}")
-        return 130
-    _log(f"wrote {args.output}")
+    convert_vit_npz(args.input, args.output, config_overrides=args.config or None, dtype=args.dtype or "float32",
+                    force=args.force, strict=args.strict, log=_log)
+    _log(f"wrote {display(args.output)}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.format == "vit-npz":
-        return _convert_vit_npz(args)
-    options = Options(
-        format=args.format, input=args.input, output=args.output, model_type=args.model_type, config=args.config,
-        dtype=DTYPES[args.dtype] if args.dtype else None, max_shard_bytes=args.max_shard_size, tokenizer=args.tokenizer,
-        verify=args.verify, force=args.force, strict=args.strict, allow_pickle=args.allow_pickle,
-    )
-    # A termination request ends like Ctrl-C: the temporary folder is removed on the way out.
+def _guarded(output: Path, body: Callable[[], int]) -> int:
+    """Run `body` with SIGTERM ending like Ctrl-C and every expected failure turned into one line and an exit code."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
     try:
-        convert(options)
-    except ConversionError as error:
+        return body()
+    except (ConversionError, OutputError, ValueError, FileExistsError) as error:
         _log(f"error: {error}")
         return 1
+    except OSError as error:
+        _log(f"error: {describe_os_error(error)}")
+        return 1
+    except (SafetensorError, RuntimeError) as error:  # a failed write inside safetensors / torch
+        message = write_failure_message(error, output)
+        if message is None:
+            raise
+        _log(f"error: {message}")
+        return 1
+    except UnicodeError as error:  # a path or text that cannot be encoded: name what failed
+        _log(f"error: {display(output)}: {error}")
+        return 1
     except KeyboardInterrupt:
-        _log(f"interrupted; nothing was written to {options.output}")
+        _log(f"interrupted; nothing was written to {display(output)}")
         return 130
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed `mudd-convert` command line (see `modeling_muddpythia.cli_convert.build_parser`); returns the exit code."""
+    if args.format == "vit-npz":
+        return _guarded(args.output, lambda: _convert_vit_npz(args))
+    options = Options(
+        format=args.format, input=args.input, output=args.output, model_type=args.model_type, config=args.config,
+        dtype=DTYPES[args.dtype] if args.dtype else None, max_shard_bytes=args.max_shard_size, tokenizer=args.tokenizer,
+        verify=args.verify, force=args.force, strict=args.strict, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+    def body() -> int:
+        convert(options)
+        return 0
+
+    return _guarded(options.output, body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

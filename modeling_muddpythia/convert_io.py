@@ -1,9 +1,10 @@
 """Tensor containers for the checkpoint converter: lazy readers (one tensor at a time) and a streaming writer.
 
-Readers never hold more than the tensor being read: safetensors are read with plain file reads (no mmap, whose
-touched pages would count towards the process' memory), `.npz` members one by one, TensorStore/Orbax arrays one
-by one, and pickles only when asked to (`weights_only=True`, memory-mapped). The writer lays out every shard up
-front from the known target shapes, so each tensor goes to disk as soon as it is converted.
+Readers never hold more than the tensor being read: safetensors through the safetensors library (`safe_open`,
+which validates the header and the data offsets and reads tensors one by one), `.npz` members one by one,
+TensorStore/Orbax arrays one by one, and pickles only when asked to (`weights_only=True`, memory-mapped). The
+writer is hand-written because the library writes only whole dicts of tensors: it lays out every shard up front
+from the known target shapes, so each tensor goes to disk as soon as it is converted, and fsyncs each shard.
 
 Every problem with the input is raised as `ConversionError` with a message meant for the user.
 """
@@ -14,12 +15,18 @@ import json
 import os
 import re
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+
+from modeling_muddpythia.cli_convert import parse_size  # noqa: F401  (kept importable from here)
+
+from .safe_output import describe_os_error, display, reraise_with_path
 
 
 class ConversionError(Exception):
@@ -29,22 +36,23 @@ class ConversionError(Exception):
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: a dtype torch has no type for (named by `label`)
+    label: str = ""
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.") if self.dtype is not None else self.label
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+# The source dtypes the converter reads: integer and 8-bit float tensors are quantized weights whose scales live
+# elsewhere; casting them to float would silently give wrong values.
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _NUMPY_TO_TORCH = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool,
 }
-# A safetensors header larger than this is certainly not a header (the format caps it at 100 MB).
-_MAX_HEADER_BYTES = 100_000_000
 
 
 def _numpy_to_torch(array: np.ndarray, where: str) -> torch.Tensor:
@@ -75,64 +83,74 @@ class TensorSource:
 
 
 # ---------------------------------------------------------------------------------------------------- safetensors
+# The dtypes a safetensors header may name; the converter reads only the floating ones (see `FLOAT_DTYPES`).
+_SAFETENSORS_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _safetensors_error(path: Path, error: Exception) -> ConversionError:
+    if isinstance(error, OSError):
+        return ConversionError(describe_os_error(error, path, "read it"))
+    return ConversionError(f"{display(path)}: not a valid safetensors file, it may be truncated or corrupt ({error})")
+
+
+def open_safetensors(path: Path):
+    """`safe_open(path)`, with the file opened by us first: the library reports every failure to open (a permission
+    problem too) as "No such file", and takes only UTF-8 file names; a name that is not is passed as
+    `/proc/self/fd/N` (Linux), which names the same file in ASCII."""
+    fd = os.open(path, os.O_RDONLY)  # raises the real OSError (permission denied, not a file, ...)
+    try:
+        try:
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:
+            return safe_open(f"/proc/self/fd/{fd}", framework="pt")
+        return safe_open(path, framework="pt")
+    finally:
+        os.close(fd)
+
+
+def write_failure_message(error: Exception, path: str | os.PathLike) -> str | None:
+    """One line for a failed write inside safetensors or torch.save, which raise their own error types and name the
+    OS error only in the text ("... (os error 27)"); None for an error that is not a failed write."""
+    text = " ".join(str(error).split())
+    match = re.search(r"os error (\d+)", text)
+    if match:
+        number = int(match.group(1))
+        return describe_os_error(OSError(number, os.strerror(number)), path, "save into it")
+    if isinstance(error, SafetensorError) or "write" in text.lower():
+        return f"{display(path)}: cannot save into it: {text}"
+    return None
+
+
 class _SafetensorsFile:
-    """One `.safetensors` file: the header is parsed and checked against the file size when opened."""
+    """One `.safetensors` file opened with the safetensors library (`safe_open`): the library validates the header
+    (dtypes, shapes, offsets that tile the data exactly, file size) and reads one tensor at a time."""
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise ConversionError(f"{path}: truncated: {size} bytes is too short for a safetensors file")
-            header_bytes = int.from_bytes(prefix, "little")
-            if header_bytes > min(size - 8, _MAX_HEADER_BYTES):
-                raise ConversionError(
-                    f"{path}: corrupt or truncated: the header claims {header_bytes} bytes but the file has {size}"
-                )
-            try:
-                header = json.loads(handle.read(header_bytes))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise ConversionError(f"{path}: corrupt safetensors header ({error})") from None
-        if not isinstance(header, dict):
-            raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
-        self.data_start = 8 + header_bytes
-        self.entries: dict[str, tuple[TensorInfo, int, int]] = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ConversionError(f"{path}: corrupt or unsupported header entry for {name!r}: {entry!r}") from None
-            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.tensor([], dtype=dtype).element_size()
-            if end - begin != nbytes or begin < 0:
-                raise ConversionError(
-                    f"{path}: corrupt header: {name!r} of shape {list(shape)} needs {nbytes} bytes, "
-                    f"offsets give {end - begin}"
-                )
-            if self.data_start + end > size:
-                raise ConversionError(
-                    f"{path}: truncated: {name!r} ends at byte {self.data_start + end} but the file has {size} bytes"
-                )
-            self.entries[name] = (TensorInfo(shape, dtype), begin, end)
-        self._handle = None
+        try:
+            self._handle = open_safetensors(path)
+            self._handle.__enter__()
+            self.entries: dict[str, TensorInfo] = {}
+            for name in self._handle.keys():
+                view = self._handle.get_slice(name)
+                label = view.get_dtype()
+                self.entries[name] = TensorInfo(tuple(view.get_shape()), _SAFETENSORS_TO_TORCH.get(label), label)
+        except (SafetensorError, OSError) as error:
+            raise _safetensors_error(path, error) from None
 
     def read(self, name: str) -> torch.Tensor:
-        info, begin, end = self.entries[name]
-        if self._handle is None:
-            self._handle = open(self.path, "rb")
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
-        self._handle.seek(self.data_start + begin)
-        if end > begin and self._handle.readinto(memoryview(buffer.numpy())) != end - begin:
-            raise ConversionError(f"{self.path}: truncated while reading {name!r}")
-        return buffer.view(info.dtype).reshape(info.shape)
+        try:
+            return self._handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise _safetensors_error(self.path, error) from None
 
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            self._handle.__exit__(None, None, None)
             self._handle = None
 
 
@@ -140,25 +158,32 @@ class SafetensorsSource(TensorSource):
     """A `.safetensors` file, or shards listed by a `*.safetensors.index.json`."""
 
     def __init__(self, path: Path):
-        self.description = str(path)
+        self.description = display(path)
         self._files: dict[Path, _SafetensorsFile] = {}
         self._where: dict[str, _SafetensorsFile] = {}
+        try:
+            self._open(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: Path) -> None:
         if path.name.endswith(".index.json"):
             weight_map = _read_index(path)
             for name, shard in weight_map.items():
                 shard_path = path.parent / shard
                 if shard_path not in self._files:
                     if not shard_path.is_file():
-                        raise ConversionError(f"{path}: lists {shard!r} (for {name!r}), which does not exist")
+                        raise ConversionError(f"{display(path)}: lists {shard!r} (for {name!r}), which does not exist")
                     self._files[shard_path] = _SafetensorsFile(shard_path)
                 file = self._files[shard_path]
                 if name not in file.entries:
-                    raise ConversionError(f"{path}: lists {name!r} in {shard!r}, but that file does not contain it")
+                    raise ConversionError(f"{display(path)}: lists {name!r} in {shard!r}, but that file does not contain it")
                 self._where[name] = file
             for file in self._files.values():
                 unlisted = sorted(set(file.entries) - set(weight_map))
                 if unlisted:
-                    raise ConversionError(f"{file.path}: holds tensors the index does not list: {unlisted[:5]}")
+                    raise ConversionError(f"{display(file.path)}: holds tensors the index does not list: {unlisted[:5]}")
         else:
             file = _SafetensorsFile(path)
             self._files[path] = file
@@ -168,7 +193,7 @@ class SafetensorsSource(TensorSource):
         return list(self._where)
 
     def info(self, name: str) -> TensorInfo:
-        return self._where[name].entries[name][0]
+        return self._where[name].entries[name]
 
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
@@ -180,8 +205,12 @@ class SafetensorsSource(TensorSource):
 
 def _read_index(path: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConversionError(describe_os_error(error, path, "read it")) from None
+    try:
+        weight_map = json.loads(text)["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ConversionError(f"{path}: not a valid shard index ({error!r})") from None
     if not isinstance(weight_map, dict):
         raise ConversionError(f"{path}: `weight_map` must map tensor names to shard files")
@@ -239,10 +268,20 @@ class NpzSource(TensorSource):
         self.path = path
         try:
             self._zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as error:
-            raise ConversionError(f"{path}: not a readable .npz (zip) archive, it may be truncated ({error})") from None
+        except OSError as error:
+            raise ConversionError(describe_os_error(error, path, "read it")) from None
+        except zipfile.BadZipFile as error:
+            raise ConversionError(f"{display(path)}: not a readable .npz (zip) archive, it may be truncated ({error})") from None
         self._members: dict[str, str] = {}
         self._infos: dict[str, TensorInfo] = {}
+        names = [member[: -len(".npy")] if member.endswith(".npy") else member for member in self._zip.namelist()]
+        duplicated = sorted(name for name, count in Counter(names).items() if count > 1)
+        if duplicated:
+            self._zip.close()
+            raise ConversionError(
+                f"{display(path)}: the archive holds several members named {duplicated[:5]}; which one is the weight "
+                "is ambiguous, so the file is refused"
+            )
         for member in self._zip.namelist():
             name = member[: -len(".npy")] if member.endswith(".npy") else member
             try:
@@ -486,20 +525,6 @@ def open_flat_or_directory(path: Path) -> TensorSource:
 
 
 # ---------------------------------------------------------------------------------------------------- writer
-def parse_size(text: str) -> int:
-    """"5GB" -> 5_000_000_000 (decimal units as in transformers; also KiB/MiB/GiB and plain byte counts)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    size = int(number * scale)
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return size
-
-
 class ShardedSafetensorsWriter:
     """Writes tensors, in a fixed order, into safetensors shards whose layout is decided before the first byte.
 
@@ -537,8 +562,12 @@ class ShardedSafetensorsWriter:
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-        self._handle = open(self.directory / file, "wb")
-        self._handle.write(len(encoded).to_bytes(8, "little") + encoded)
+        self._path = self.directory / file
+        try:
+            self._handle = open(self._path, "wb")
+            self._handle.write(len(encoded).to_bytes(8, "little") + encoded)
+        except OSError as error:
+            raise reraise_with_path(error, self._path) from None
         self._remaining = list(entries)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -550,16 +579,24 @@ class ShardedSafetensorsWriter:
         if self._handle is None:
             self._open_next_shard()
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._handle.write(memoryview(data.numpy()))
-        self._remaining.pop(0)
-        self._position += 1
-        if not self._remaining:
-            self._handle.close()
-            self._handle = None
+        try:
+            self._handle.write(memoryview(data.numpy()))
+            self._remaining.pop(0)
+            self._position += 1
+            if not self._remaining:  # the shard is complete: flush it to disk before the next one
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+                self._handle.close()
+                self._handle = None
+        except OSError as error:
+            raise reraise_with_path(error, self._path) from None
 
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            try:
+                self._handle.close()
+            except OSError:  # the write that failed already raised; a second error while closing adds nothing
+                pass
             self._handle = None
 
     def finish(self) -> None:
@@ -567,4 +604,50 @@ class ShardedSafetensorsWriter:
             raise RuntimeError(f"writer got {self._position} of {len(self._order)} tensors")
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            path = self.directory / "model.safetensors.index.json"
+            try:
+                path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            except OSError as error:
+                raise reraise_with_path(error, path) from None
+
+
+# ---------------------------------------------------------------------------------------------------- completeness
+_OUR_MODEL_TYPES = ("muddpythia", "muddformer", "muddvit")
+
+
+def missing_weights(folder: str | os.PathLike) -> list[str] | None:
+    """The parameters and persistent buffers a saved MUDD model folder needs but its safetensors weights lack
+    (tied weights excepted), read from the file headers and a model built on the meta device: nothing is loaded.
+    None when the folder is not one of our model types or its weights are not safetensors (not checked here)."""
+    folder = Path(folder)
+    try:
+        config_data = json.loads((folder / "config.json").read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if config_data.get("model_type") not in _OUR_MODEL_TYPES:
+        return None
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if index.is_file():
+        saved = set(_read_index(index))
+    elif single.is_file():
+        try:
+            with open_safetensors(single) as handle:
+                saved = set(handle.keys())
+        except (SafetensorError, OSError) as error:
+            raise ConversionError(f"{display(single)}: cannot read it ({error})") from None
+    else:
+        return None
+    import modeling_muddpythia  # noqa: F401  (registers our classes)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    auto = AutoModelForImageClassification if config.model_type == "muddvit" else AutoModelForCausalLM
+    architectures = config_data.get("architectures") or []
+    if architectures and not architectures[0].endswith(("ForCausalLM", "ForImageClassification")):
+        auto = AutoModel
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    expected = set(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected -= set(getattr(model, "_tied_weights_keys", None) or {})
+    return sorted(expected - saved)

@@ -245,6 +245,11 @@ def authors_config(authors: Mapping, source: TensorSource, family: Family, overr
     if missing:
         hint = " (it looks like a transformers config: is this already converted?)" if "hidden_size" in authors else ""
         raise ConversionError(f"the authors' config.json lacks {missing}{hint}")
+    for key in _AUTHORS_REQUIRED_KEYS:
+        value = authors[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            kind = f" (a {type(value).__name__})" if not isinstance(value, int) else ""
+            raise ConversionError(f"the authors' config.json: {key} must be a positive integer, got {value!r}{kind}")
     derived = {field_name: authors[key] for key, field_name in _AUTHORS_CONFIG_KEYS.items() if key in authors}
     if "use_linear_bias" in authors:
         derived["attention_bias"] = derived["mlp_bias"] = authors["use_linear_bias"]

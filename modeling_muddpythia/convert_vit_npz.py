@@ -33,10 +33,11 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import warnings
 import zipfile
 import zlib
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ import torch
 from .configuration_muddvit import MUDDViTConfig
 from .modeling_muddvit import MUDDViTForImageClassification, build_image_processor
 from .muddify import build_from_plain_state
+from .safe_output import Claim, OutputError, describe_os_error, display, make_staging, publish, remove_stale, same_or_nested
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,6 +63,17 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------------- reading
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an `.npz` archive, read eagerly (never unpickling), or `CheckpointError` naming the problem."""
+    try:
+        with zipfile.ZipFile(path) as zipped:
+            names = [member.removesuffix(".npy") for member in zipped.namelist()]
+    except zipfile.BadZipFile:
+        names = []  # np.load below says what is wrong
+    except OSError as error:
+        raise CheckpointError(f"{display(path)}: cannot read it: {error.strerror or error}") from error
+    duplicated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicated:
+        raise CheckpointError(f"{display(path)}: the archive holds several members named {duplicated[:5]}; "
+                              "which one is the weight is ambiguous, so the file is refused")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -261,32 +274,29 @@ def model_card(config: MUDDViTConfig, source_name: str, output_name: str, model)
 
 
 
-def _write_atomically(output_dir: Path, write, *, force: bool) -> None:
-    """`write(tmp)` into a temporary sibling folder, then rename it to `output_dir` (replacing it under `force`).
+def _write_atomically(output_dir: Path, write, *, force: bool, log: Callable[[str], None] = print) -> None:
+    """`write(staging)` into a hidden sibling folder, then rename it to `output_dir` (replacing it under `force`),
+    holding an exclusive claim on `output_dir` throughout (see `safe_output`).
 
     Whatever fails, no partial `output_dir` is left and an existing one survives unless the new one is in place.
     """
-    if output_dir.exists() and not force:
-        raise FileExistsError(f"{output_dir} already exists; pass force=True (--force) to replace it")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a folder; refusing to replace it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    old = None
-    try:
-        write(tmp)
-        if output_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, old / output_dir.name)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not output_dir.exists():
-            os.replace(old / output_dir.name, output_dir)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    with Claim(output_dir, "mudd-convert"):
+        if output_dir.exists() and not force:
+            raise FileExistsError(f"{display(output_dir)} already exists; pass force=True (--force) to replace it")
+        if output_dir.exists() and not output_dir.is_dir():
+            raise FileExistsError(f"{display(output_dir)} exists and is not a folder; refusing to replace it")
+        remove_stale(output_dir, log)
+        staging = make_staging(output_dir)
+        try:
+            try:
+                write(staging)
+            except OSError as error:  # save_pretrained's errors may name the file being copied, not the output
+                if error.errno is None:
+                    raise
+                raise type(error)(error.errno, error.strerror, os.fspath(output_dir)) from None
+            publish(staging, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def convert_vit_npz(
@@ -297,6 +307,7 @@ def convert_vit_npz(
     dtype: str = "float32",
     force: bool = False,
     strict: bool = False,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """Convert a Google JAX ViT `.npz` into a MUDDViT folder; returns the folder's path.
 
@@ -308,6 +319,7 @@ def convert_vit_npz(
         dtype: "float32", "float16" or "bfloat16" for the saved weights.
         force: replace an existing `output_dir` (only once the new folder is complete).
         strict: fail on NaN/inf values instead of warning.
+        log: where notes go (e.g. removed leftovers of an interrupted run).
 
     Raises `CheckpointError` (a `ValueError`) naming the missing/unexpected/misshapen array or the unreadable file,
     `FileExistsError`, `FileNotFoundError`, or `ValueError` for bad arguments; nothing is written then.
@@ -316,7 +328,10 @@ def convert_vit_npz(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     input_path, output_dir = Path(input_path), Path(output_dir)
     if not input_path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {input_path}")
+        raise FileNotFoundError(f"no checkpoint file at {display(input_path)}")
+    if same_or_nested(output_dir, input_path):
+        raise FileExistsError(f"{display(output_dir)} is, contains or lies inside the input {display(input_path)}; "
+                              "choose another output folder")
     if output_dir.exists() and not force:
         raise FileExistsError(f"{output_dir} already exists; pass force=True (--force) to replace it")
     arrays = read_npz(input_path)
@@ -332,7 +347,7 @@ def convert_vit_npz(
         image_processor.save_pretrained(folder)
         (folder / "README.md").write_text(model_card(config, input_path.name, output_dir.name, model))
 
-    _write_atomically(output_dir, write, force=force)
+    _write_atomically(output_dir, write, force=force, log=log)
     return output_dir
 
 
@@ -350,8 +365,10 @@ def main(argv: list[str] | None = None) -> None:
             args.input_path, args.output_dir, config_overrides=args.config_overrides, dtype=args.dtype,
             force=args.force, strict=args.strict,
         )
-    except (ValueError, FileExistsError, FileNotFoundError) as error:  # bad input: a message, not a traceback
+    except (ValueError, OutputError) as error:  # bad input: a message, not a traceback
         parser.exit(1, f"error: {error}\n")
+    except OSError as error:  # FileExistsError, FileNotFoundError, and file system errors: path and cause
+        parser.exit(1, f"error: {describe_os_error(error) if error.filename else error}\n")
     print(f"wrote {output}")
 
 

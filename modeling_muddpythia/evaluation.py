@@ -69,6 +69,7 @@ def evaluate_model(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved model folder (no config.json)")
+    refuse_incomplete(model_dir)
     return lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "trust_remote_code": True},
@@ -81,6 +82,20 @@ def evaluate_model(
         log_samples=log_samples,
         bootstrap_iters=bootstrap_iters,
     )
+
+
+def refuse_incomplete(model_dir: Path) -> None:
+    """`ValueError` when a MUDD model folder's weights lack tensors the model needs: loading would fill them with
+    random values and the scores would be those of a partly random model."""
+    from .convert_io import ConversionError, missing_weights
+
+    try:
+        missing = missing_weights(model_dir)
+    except ConversionError as error:
+        raise ValueError(str(error)) from None
+    if missing:
+        raise ValueError(f"{model_dir}: the saved weights lack {len(missing)} tensors the model needs (e.g. "
+                         f"{missing[:3]}); evaluating would score random values")
 
 
 def metric_value(results: dict, task: str, metric: str) -> float | None:
@@ -183,6 +198,11 @@ def run_table3(
     model_dir, output = Path(model_dir), Path(output)
     if not (model_dir / "config.json").is_file():
         print(f"error: {model_dir} is not a saved model folder (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        refuse_incomplete(model_dir)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     _require_lm_eval()
     with tempfile.TemporaryDirectory(prefix="mudd-table3-") as workdir:

@@ -134,7 +134,9 @@ def test_authors_pytorch_pickle_needs_allow_pickle(tmp_path, capsys):
 def _write_runnable_authors(folder: Path) -> Path:
     config = {**authors_config_json(Shapes()), "auto_map": {"AutoModelForCausalLM": "modeling_fake_authors.AuthorsModel"}}
     write_authors(folder, Shapes(), config=config)
-    (folder / "modeling_fake_authors.py").write_text(FAKE_AUTHORS_MODELING)
+    # importing the authors' code leaves a mark, so the tests see whether it ran
+    marker = f"import pathlib as _p\n_p.Path({str(folder / 'IMPORTED')!r}).write_text('imported')\n"
+    (folder / "modeling_fake_authors.py").write_text(FAKE_AUTHORS_MODELING + "\n" + marker)
     for helper in ("convert_fixtures.py", "mudd_reference.py"):
         (folder / helper).write_text((Path(__file__).parent / helper).read_text())
     return folder
@@ -142,8 +144,15 @@ def _write_runnable_authors(folder: Path) -> Path:
 
 def test_verify_compares_logits_with_a_runnable_source(tmp_path, capsys, monkeypatch):
     source = _write_runnable_authors(tmp_path / "src")
-    assert convert("--format", "authors-pytorch", "--input", source, "--output", tmp_path / "good", "--verify") == 0
+    # without --trust-remote-code the input's Python is never imported, even with --verify and an auto_map
+    assert convert("--format", "authors-pytorch", "--input", source, "--output", tmp_path / "untrusted", "--verify") == 0
+    err = capsys.readouterr().err
+    assert "forward comparison skipped" in err and "pass --trust-remote-code" in err
+    assert not (source / "IMPORTED").exists()
+    assert convert("--format", "authors-pytorch", "--input", source, "--output", tmp_path / "good", "--verify",
+                   "--trust-remote-code") == 0
     assert "logits match the source model's" in capsys.readouterr().err
+    assert (source / "IMPORTED").exists()
 
     # A conversion bug that keeps every shape and every checksum (a transposed square matrix) is caught by the forward.
     def transposed_query(config, family):
@@ -154,7 +163,7 @@ def test_verify_compares_logits_with_a_runnable_source(tmp_path, capsys, monkeyp
 
     original = convert_module.authors_plan
     monkeypatch.setattr(convert_module, "authors_plan", transposed_query)
-    assert convert("--format", "authors-pytorch", "--input", source, "--output", tmp_path / "bad", "--verify") == 1
+    assert convert("--format", "authors-pytorch", "--input", source, "--output", tmp_path / "bad", "--verify", "--trust-remote-code") == 1
     assert "logits differ from the source model's" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []
 
@@ -398,9 +407,9 @@ def test_config_and_checkpoint_disagreeing_is_a_shape_error(authors_folder, tmp_
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda data: data[: len(data) - 100], "truncated"),
-    (lambda data: data[:8] + b"\xff" * 20 + data[28:], "corrupt safetensors header"),
-    (lambda data: data[:5], "too short"),
+    (lambda data: data[: len(data) - 100], "incomplete metadata, file not fully covered"),
+    (lambda data: data[:8] + b"\xff" * 20 + data[28:], "invalid UTF-8 in header"),
+    (lambda data: data[:5], "header too small"),
 ])
 def test_truncated_or_corrupt_safetensors(authors_folder, tmp_path, capsys, damage, message):
     file = authors_folder / "model.safetensors"
@@ -442,7 +451,7 @@ def test_existing_output_needs_force(authors_folder, tmp_path, capsys):
     assert _convert_authors(authors_folder, out, "--force") == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists() and leftovers(tmp_path) == []
     assert _convert_authors(authors_folder, authors_folder / "..", "--force") == 1
-    assert "would replace the input" in capsys.readouterr().err
+    assert "contains the input model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
@@ -495,4 +504,4 @@ def test_command_line_entry_points(tmp_path):
     assert result.returncode == 0 and "{authors-pytorch,pax,maxtext,gpt-neox,llama,vit-npz}" in result.stdout
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
-    assert "mudd-convert = modeling_muddpythia.convert:main" in setup["options.entry_points"]["console_scripts"]
+    assert "mudd-convert = modeling_muddpythia.cli_convert:main" in setup["options.entry_points"]["console_scripts"]

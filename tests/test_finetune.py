@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
+from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -444,3 +446,162 @@ def test_two_process_fsdp2_wraps_no_split_modules_and_matches_unsharded(workspac
     assert result["local_numel"] < 0.6 * result["full_numel"]  # each rank holds about half of every parameter
     assert result["max_diff_vs_unsharded"] < 1e-5
     assert result["max_change_from_init"] > 1e-3
+
+
+# --------------------------------------------------------------------------- faults and hostile input (issue 12)
+
+
+def run_cli(capsys, *argv) -> tuple[int, list[str]]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+def test_bad_paths_are_one_line_errors(workspace, tmp_path, capsys):
+    model, data = workspace["model"], workspace["data"]
+    (tmp_path / "notes.txt").write_text("hello\n")
+    cases = [
+        (cli_args(tmp_path / "missing", data, tmp_path / "o1"), f"{tmp_path / 'missing'}: no such model folder"),
+        (cli_args(tmp_path / "notes.txt", data, tmp_path / "o2"), f"{tmp_path / 'notes.txt'}: is a file, not a model folder"),
+        (cli_args(model, tmp_path / "nope.jsonl", tmp_path / "o3"), f"--data {tmp_path / 'nope.jsonl'}: no such file"),
+        (cli_args(model, data, tmp_path / "o4", "--tokenizer", tmp_path / "tok"), f"{tmp_path / 'tok'}: no such tokenizer folder"),
+        (cli_args(model, data, tmp_path / "notes.txt" / "out"), f"{tmp_path / 'notes.txt'} is a file, not a folder"),
+        (cli_args(model, data, model), "is, contains or lies inside the model folder"),
+        (cli_args(model, data, model / "ft"), "is, contains or lies inside the model folder"),
+        (cli_args(model, data, model.parent), "is, contains or lies inside the model folder"),
+    ]
+    before = (model / "model.safetensors").read_bytes()
+    for argv, message in cases:
+        code, lines = run_cli(capsys, *argv)
+        assert code == 1 and len(lines) == 1 and message in lines[0], (message, lines)
+        assert "Repo id" not in lines[0]
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_data_encoding_bom_and_bad_bytes(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffthe cat sat\non the mat\n".encode("utf-8"))
+    assert read_texts([tmp_path / "bom.txt"]) == ["the cat sat", "on the mat"]  # no U+FEFF glued to "the"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "a dog"}).encode() + b"\n")
+    assert read_texts([tmp_path / "bom.jsonl"]) == ["a dog"]
+    (tmp_path / "latin1.txt").write_bytes("fine\nalso fine\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt line 3: not UTF-8 \(byte 0xe9 at byte 4 of the line\)"):
+        read_texts([tmp_path / "latin1.txt"])
+
+
+def test_model_folder_with_missing_weights_is_refused(workspace, tmp_path, capsys):
+    folder = tmp_path / "incomplete"
+    shutil.copytree(workspace["model"], folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.dense.layers.0.proj_out.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    code, lines = run_cli(capsys, *cli_args(folder, workspace["data"], tmp_path / "out", "--max-steps", 1))
+    assert code == 1 and "the saved weights lack 1 tensors the model needs" in lines[0]
+    assert "model.dense.layers.0.proj_out.weight" in lines[0] and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_nan_loss_stops_training_before_anything_of_it_is_saved(workspace, tmp_path, capsys):
+    class Poison(TrainerCallback):  # a fault that turns a weight into NaN before step 3's forward
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    next(model.parameters())[0, 0] = float("nan")
+
+    output = tmp_path / "out"
+    args = build_parser().parse_args(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 6,
+                                              "--save-steps", 1))
+    trainer = build_trainer(args)
+    trainer.add_callback(Poison())
+    with pytest.raises(finetune.NonFiniteError, match="the training loss became nan at step 3"):
+        trainer.train()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (output / "model.safetensors").exists()
+
+
+def test_non_finite_weights_after_an_optimizer_step_stop_training(workspace, tmp_path):
+    class PoisonGradients(TrainerCallback):  # finite loss, NaN gradients: the step itself makes the weights NaN
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                model.model.embed_tokens.weight.register_hook(lambda grad: grad * float("nan"))
+
+    output = tmp_path / "out"
+    args = build_parser().parse_args(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 4,
+                                              "--save-steps", 1))
+    trainer = build_trainer(args)
+    trainer.add_callback(PoisonGradients())
+    with pytest.raises(finetune.NonFiniteError, match="weights became non-finite .* in step 2"):
+        trainer.train()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_damaged_or_partial_checkpoints_are_skipped_and_the_choice_is_said(workspace, tmp_path, capsys):
+    output = tmp_path / "run"
+    model, data = workspace["model"], workspace["data"]
+    train(cli_args(model, data, output, "--max-steps", 4, "--save-steps", 1))
+    assert all((output / f"checkpoint-{k}" / finetune.CHECKPOINT_MANIFEST).is_file() for k in range(1, 5))
+    capsys.readouterr()
+    # checkpoint-4: 4 KB of random bytes in the weights' data region (what once ended in exit 0 with NaN weights)
+    weights = output / "checkpoint-4" / "model.safetensors"
+    data_bytes = bytearray(weights.read_bytes())
+    data_bytes[-6000:-6000 + 4096] = os.urandom(4096)
+    weights.write_bytes(bytes(data_bytes))
+    # checkpoint-3: partial (its trainer_state.json was never written)
+    (output / "checkpoint-3" / "trainer_state.json").unlink()
+    code = main(cli_args(model, data, output, "--max-steps", 4, "--save-steps", 1, "--resume-from-checkpoint"))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"skipping {output / 'checkpoint-4'}: model.safetensors differs from what was saved" in err
+    assert f"skipping {output / 'checkpoint-3'}: no trainer_state.json" in err
+    assert f"resuming from {output / 'checkpoint-2'}" in err
+    final = AutoModelForCausalLM.from_pretrained(output).state_dict()
+    assert all(torch.isfinite(t).all() for t in final.values())
+    # given explicitly, a partial checkpoint is an error, not a silent fallback
+    (output / "checkpoint-3" / "trainer_state.json").unlink()  # (the resumed run had saved it again)
+    code, lines = run_cli(capsys, *cli_args(model, data, output, "--resume-from-checkpoint", output / "checkpoint-3"))
+    assert code == 1 and lines == [f"mudd-finetune: error: --resume-from-checkpoint {output / 'checkpoint-3'}: "
+                                   "cannot resume from it: no trainer_state.json (a partial checkpoint: its save did not finish)"]
+
+
+def test_final_model_is_staged_and_moved_in_weights_last(workspace, tmp_path, monkeypatch):
+    moves, real_replace = [], os.replace
+
+    def replace(a, b):
+        moves.append(Path(b).name)
+        real_replace(a, b)
+
+    monkeypatch.setattr(finetune.os, "replace", replace)
+    output = tmp_path / "out"
+    train(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2))
+    final = [name for name in moves if name != finetune.CHECKPOINT_MANIFEST]
+    assert final[-1] == "model.safetensors" and {"config.json", "tokenizer.json", "trainer_state.json"} <= set(final)
+    assert not (output / finetune.FINAL_STAGING).exists()
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
+
+
+def test_attention_mask_of_the_wrong_length_is_an_error():
+    model = MUDDPythiaForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with pytest.raises(ValueError, match=r"`attention_mask` has length 5, expected cached \+ new tokens = 0 \+ 6 = 6"):
+        model(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    out = model(ids, attention_mask=torch.ones(2, 6, dtype=torch.long), use_cache=True)
+    step = torch.randint(0, VOCAB, (2, 1))
+    model(step, attention_mask=torch.ones(2, 7, dtype=torch.long), past_key_values=out.past_key_values)
+    with pytest.raises(ValueError, match=r"expected cached \+ new tokens = 7 \+ 1 = 8"):
+        model(step, attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=out.past_key_values)
+
+
+def test_file_size_limit_while_saving_is_one_line(workspace, tmp_path):
+    """`ulimit -f` (or a full disk) while a checkpoint is written: one line naming the cause, exit code 1."""
+    import resource
+
+    limit = 60_000  # the config and tokenizer fit, the weights (about 250 KB) do not
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    argv = cli_args(workspace["model"], workspace["data"], tmp_path / "out", "--max-steps", 2, "--save-steps", 1)
+    env = dict(os.environ, **OFFLINE_ENV, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "modeling_muddpythia.cli_finetune", *argv], capture_output=True, text=True,
+                            preexec_fn=set_limit, env=env, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert "file size limit" in lines[0] and str(tmp_path / "out") in lines[0], lines

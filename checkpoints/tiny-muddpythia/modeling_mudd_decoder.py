@@ -457,6 +457,14 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
             past_key_values = DynamicCache(config=config)
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         self._check_input_length(past_key_values, past_seen_tokens, inputs_embeds.shape[1])
+        # A 2D mask covers the cached and the new tokens; any other length would be silently cut or broadcast.
+        # Shapes only (compile-friendly); a StaticCache counts in a tensor, and is then not checked.
+        if attention_mask is not None and attention_mask.dim() == 2 and isinstance(past_seen_tokens, int):
+            if attention_mask.shape[-1] != past_seen_tokens + inputs_embeds.shape[1]:
+                raise ValueError(
+                    f"`attention_mask` has length {attention_mask.shape[-1]}, expected cached + new tokens = "
+                    f"{past_seen_tokens} + {inputs_embeds.shape[1]} = {past_seen_tokens + inputs_embeds.shape[1]}"
+                )
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)

@@ -1,0 +1,194 @@
+"""Writing an output folder safely: an exclusive claim on it, a hidden staging folder, fsync, one rename.
+
+Used by `mudd-convert` (the whole output folder is published at once) and `mudd-finetune` (the final model is
+staged inside `--output` and its files are moved in by rename). Nothing here imports torch or transformers.
+
+* `claim(output)`: an exclusive lock (`fcntl.flock` on the hidden file `.NAME.lock` beside the output) held for the
+  whole run. A second run on the same output fails at once, naming the holder's pid. The kernel drops the lock
+  when its holder dies, so a killed run never blocks later ones.
+* While the claim is held, `.NAME.partial-*` / `.NAME.replaced-*` siblings can only be left over by dead runs:
+  `remove_stale` deletes them (and says so).
+* `make_staging` creates the staging folder with `os.mkdir`, so its mode follows the umask (as `save_pretrained`'s
+  folders do; `tempfile.mkdtemp` would give 0700).
+* `publish` fsyncs every file and folder of the staging folder, renames it into place (an existing output, with
+  `--force`, is replaced only at that moment) and fsyncs the parent.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+class OutputError(Exception):
+    """A problem with an output or input path; the message names the path and the cause (one line)."""
+
+
+def display(path: str | os.PathLike) -> str:
+    """`path` as text that can always be printed or written: bytes that are not UTF-8 appear as `\\xNN`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file size limit was reached (ulimit -f)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a parent of this path is a file, not a folder",
+    errno.ENOENT: "no such file or directory",
+    errno.EISDIR: "it is a folder, not a file",
+}
+
+
+def describe_os_error(error: OSError, path: str | os.PathLike | None = None, action: str | None = None) -> str:
+    """One line: `PATH: cannot ACTION: CAUSE` from an `OSError` (its own filename wins over `path`)."""
+    where = error.filename if error.filename is not None else path
+    cause = _HINTS.get(error.errno) or error.strerror or str(error)
+    if error.strerror and error.errno in _HINTS and error.strerror.lower() not in cause.lower():
+        cause = f"{cause} ({error.strerror})"
+    prefix = f"{display(where)}: " if where is not None else ""
+    return f"{prefix}{'cannot ' + action + ': ' if action else ''}{cause}"
+
+
+def reraise_with_path(error: OSError, path: str | os.PathLike) -> OSError:
+    """The same error with `path` as its filename (errors of `file.write` carry none)."""
+    if error.filename is not None:
+        return error
+    return type(error)(error.errno, error.strerror or str(error), os.fspath(path))
+
+
+def same_or_nested(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` (resolved) are the same path or one contains the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def ensure_parent(output: Path) -> None:
+    """Create the parent folders of `output` (umask modes); a parent that is a file is named clearly."""
+    parent = output.parent
+    for ancestor in [parent, *parent.parents]:
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                raise OutputError(f"{display(output)}: cannot create it: {display(ancestor)} is a file, not a folder")
+            break
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(describe_os_error(error, parent, "create the folder")) from None
+
+
+class Claim:
+    """An exclusive claim on `output` for one run (see the module docstring); use as a context manager."""
+
+    def __init__(self, output: Path, tool: str):
+        self.output, self.tool = output, tool
+        self.lock_path = output.parent / f".{output.name}.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> Claim:
+        ensure_parent(self.output)
+        for _ in range(100):
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                raise OutputError(describe_os_error(error, self.lock_path, f"create the lock file for {display(self.output)}")) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputError(
+                    f"{display(self.output)}: another {self.tool} run (pid {holder}) is writing this output right now; "
+                    "wait for it to finish (--force replaces a finished folder, never one being written)"
+                ) from None
+            # The previous holder unlinks the file before unlocking: if ours is no longer the file at that path,
+            # we locked a deleted inode and must try again.
+            try:
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._fd = fd
+                return self
+            os.close(fd)
+        raise OutputError(f"{display(self.lock_path)}: could not take the lock (it keeps being replaced)")
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.lock_path)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+
+def stale_siblings(output: Path) -> list[Path]:
+    """Staging and replaced-folder leftovers of earlier runs on `output` (only dead runs' while the claim is held)."""
+    prefixes = tuple(f".{output.name}.{kind}-" for kind in ("partial", "replaced", "tmp", "old"))
+    try:
+        return sorted(p for p in output.parent.iterdir() if p.name.startswith(prefixes))
+    except OSError as error:
+        raise OutputError(describe_os_error(error, output.parent, "list the folder")) from None
+
+
+def remove_stale(output: Path, log: Callable[[str], None]) -> None:
+    for path in stale_siblings(output):
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"removed {display(path)}, left behind by an interrupted run")
+
+
+def make_staging(output: Path) -> Path:
+    """A new hidden sibling `.NAME.partial-PID-RANDOM` of `output`; its mode follows the umask."""
+    path = output.parent / f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.mkdir(path)
+    except OSError as error:
+        raise OutputError(describe_os_error(error, path, "create the staging folder")) from None
+    return path
+
+
+def fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (deepest first), so a rename publishes data that is on disk."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath), directory=True)
+
+
+def publish(staging: Path, output: Path) -> None:
+    """fsync `staging`, then rename it to `output`; an existing `output` is replaced only at this point (and
+    restored if the second rename fails)."""
+    fsync_tree(staging)
+    if not output.exists() and not output.is_symlink():
+        os.replace(staging, output)
+    else:
+        holder = output.parent / f".{output.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
+        os.mkdir(holder)
+        os.replace(output, holder / output.name)
+        try:
+            os.replace(staging, output)
+        except BaseException:
+            os.replace(holder / output.name, output)
+            raise
+        finally:
+            if output.exists():
+                shutil.rmtree(holder, ignore_errors=True)
+    fsync_path(output.parent, directory=True)
