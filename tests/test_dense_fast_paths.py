@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.cache_utils import StaticCache
 
-from modeling_muddpythia.modeling_mudd_decoder import MUDDRotaryEmbedding, apply_partial_rotary
+from modeling_muddpythia.modeling_mudd_decoder import MUDDRotaryEmbedding, apply_partial_rotary, signed_rotary_tables
 from modeling_muddpythia.mudd import DenseStateStack, aggregate_states
 
 from test_muddpythia import VOCAB, random_model, tiny_config
@@ -95,7 +95,7 @@ def test_rotary_equals_rotate_half_formula(partial_rotary_factor):
     rotary = MUDDRotaryEmbedding(config)
     positions = torch.tensor([[0, 3, 7], [1, 2, 40]])
     x = torch.randn(2, 2, 3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    cos, signed_sin = rotary(x, positions)
+    cos, signed_sin = signed_rotary_tables(*rotary(x, positions))
     got = apply_partial_rotary(x, cos, signed_sin)
     # the textbook GPT-NeoX form: x_rot * cos + rotate_half(x_rot) * sin on the first rotary dims
     rotary_dim = config.rotary_ndims
