@@ -3,8 +3,8 @@ installed transformers (see `transformers_common.py`), our `GenerationBehaviours
 `GenerationTesterMixin`. The testers are modelled on transformers' GPT-NeoX and Llama testers: tiny configs, random
 ids with a random attention mask, labels for the causal-LM head.
 
-Every skip names its reason (`SKIPS`); the tests that need reentrant gradient checkpointing wait for the fix of
-issue 11, defect 1 (`DEFECT_1`).
+Every skip names its reason; the test of reentrant gradient checkpointing waits for the fix of issue 11, defect 1
+(`DEFECT_1`).
 """
 
 from __future__ import annotations
@@ -102,10 +102,6 @@ class MUDDDecoderCommonTests(ModelTesterMixin, GenerationTesterMixin):
 
     def test_config(self):
         self.config_tester.run_common_tests()
-
-    @DEFECT_1
-    def test_training_gradient_checkpointing(self):
-        super().test_training_gradient_checkpointing()
 
     @DEFECT_1
     def test_training_gradient_checkpointing_use_reentrant_true(self):

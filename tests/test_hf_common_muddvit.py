@@ -70,13 +70,6 @@ class MUDDViTCommonTest(ModelTesterMixin, unittest.TestCase):
         reason="defect 1, fixed on the compile branch: reentrant checkpointing does not see the streams "
         "`run_mudd_blocks` passes to each layer inside a tuple"
     )
-    def test_training_gradient_checkpointing(self):
-        super().test_training_gradient_checkpointing()
-
-    @pytest.mark.skip(
-        reason="defect 1, fixed on the compile branch: reentrant checkpointing does not see the streams "
-        "`run_mudd_blocks` passes to each layer inside a tuple"
-    )
     def test_training_gradient_checkpointing_use_reentrant_true(self):
         super().test_training_gradient_checkpointing_use_reentrant_true()
 
