@@ -9,8 +9,9 @@ independent reference:
 * left-padded batches against each prompt alone; `use_cache=False`, `DynamicCache` and `StaticCache` against each
   other; continuing from returned `past_key_values` against generating from the whole text;
 * `inputs_embeds` against `input_ids`; assisted decoding and prompt-lookup decoding against plain greedy search;
-* a muddified plain model of the family (GPT-NeoX / Llama) against that plain model for greedy, sampling and beam
-  search (the tester's `plain_model()`);
+* a muddified plain model of the family (GPT-NeoX / Llama) against that plain model for greedy, sampling, beam
+  search, beam sampling, the static cache and prompt-lookup sampling (the tester's `plain_model()`);
+* hidden states and attentions returned by `generate` against a full forward pass; `logits_to_keep`;
 * the "text-generation" pipeline against `generate`.
 
 The models get random, non-identity weights (`mudd_reference.randomize_`), so every dense connection matters.
@@ -118,11 +119,19 @@ class GenerationBehaviours:
         plain = self.plain_model(seed=5)
         mudd = muddify(plain)
         ids = self._prompts(seed=5)
-        for options in (dict(do_sample=False), dict(do_sample=True, top_k=4), dict(do_sample=False, num_beams=3)):
+        for options in (
+            dict(do_sample=False),
+            dict(do_sample=True, top_k=4),
+            dict(do_sample=False, num_beams=3),
+            dict(do_sample=True, num_beams=2, top_k=4),  # beam sampling
+            dict(do_sample=False, cache_implementation="static"),
+            dict(do_sample=True, top_k=4, prompt_lookup_num_tokens=2),  # speculative sampling (batch size 1 only)
+        ):
+            prompts = ids[:1].repeat(1, 2) if "prompt_lookup_num_tokens" in options else ids
             outputs = []
             for model in (plain, mudd):
                 torch.manual_seed(3)
-                outputs.append(model.generate(ids, **self._kwargs(**options)))
+                outputs.append(model.generate(prompts, **self._kwargs(**options)))
             self.assertTrue(torch.equal(*outputs), f"{options}: {outputs[0]} != {outputs[1]}")
 
     # ------------------------------------------------------------------ padding, caches, inputs
@@ -170,6 +179,32 @@ class GenerationBehaviours:
             length = ids.shape[1]
             for step, logits in enumerate(out.logits):
                 torch.testing.assert_close(logits, full[:, length + step - 1], rtol=1e-4, atol=1e-4)
+
+    def test_generate_returns_hidden_states_and_attentions_of_each_step(self):
+        for model_class in self.all_generative_model_classes:
+            model, ids = self._model(model_class), self._prompts()
+            out = model.generate(
+                ids, do_sample=False,
+                **self._kwargs(return_dict_in_generate=True, output_hidden_states=True, output_attentions=True),
+            )
+            self.assertEqual((len(out.hidden_states), len(out.attentions)), (MAX_NEW, MAX_NEW))
+            with torch.no_grad():
+                full = model(out.sequences[:, :-1], use_cache=False, output_hidden_states=True, output_attentions=True)
+            length = ids.shape[1]
+            for step in (0, MAX_NEW - 1):  # the prompt step, and a one-token step with the cache
+                positions = slice(0, length) if step == 0 else slice(length + step - 1, length + step)
+                for got, expected in zip(out.hidden_states[step], full.hidden_states):
+                    torch.testing.assert_close(got, expected[:, positions], rtol=1e-4, atol=1e-4)
+                for got, expected in zip(out.attentions[step], full.attentions):
+                    torch.testing.assert_close(got, expected[:, :, positions, : positions.stop], rtol=1e-4, atol=1e-4)
+
+    def test_logits_to_keep(self):
+        for model_class in self.all_generative_model_classes:
+            model, ids = self._model(model_class), self._prompts()
+            with torch.no_grad():
+                full = model(ids).logits
+                torch.testing.assert_close(model(ids, logits_to_keep=1).logits, full[:, -1:])
+                torch.testing.assert_close(model(ids, logits_to_keep=torch.tensor([0, 3])).logits, full[:, [0, 3]])
 
     def test_continue_from_past_key_values(self):
         """Generate, append a user turn to the output, continue with the returned cache: same tokens as generating

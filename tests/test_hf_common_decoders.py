@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from transformers_common import common_module
+from transformers_common import MappingNamesForTheClass, common_module
 
 
 modeling_common = common_module("test_modeling_common")
@@ -87,7 +87,7 @@ class MUDDFormerModelTester(MUDDDecoderModelTester):
     config_class = MUDDFormerConfig
 
 
-class MUDDDecoderCommonTests(ModelTesterMixin, GenerationTesterMixin):
+class MUDDDecoderCommonTests(MappingNamesForTheClass, ModelTesterMixin, GenerationTesterMixin):
     """What transformers runs for its in-library causal LMs; subclasses set the tester and classes."""
 
     model_tester_class = None

@@ -11,7 +11,7 @@ import unittest
 import pytest
 import torch
 
-from transformers_common import common_module
+from transformers_common import MappingNamesForTheClass, common_module
 
 
 modeling_common = common_module("test_modeling_common")
@@ -52,7 +52,7 @@ class MUDDViTModelTester:
         return self.get_config(), {"pixel_values": pixel_values}
 
 
-class MUDDViTCommonTest(ModelTesterMixin, unittest.TestCase):
+class MUDDViTCommonTest(MappingNamesForTheClass, ModelTesterMixin, unittest.TestCase):
     all_model_classes = (MUDDViTModel, MUDDViTForImageClassification)
     # the mixin skips this for files without a 2023+ copyright line; every weight must be initialised, so it runs
     test_can_init_all_missing_weights_before_2023 = True

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
 from modeling_muddpythia import MUDDFormerConfig, MUDDFormerForCausalLM, MUDDFormerModel, muddify
@@ -335,7 +336,7 @@ SCALED_ROPE = {
 
 
 @pytest.mark.parametrize("rope_type", sorted(SCALED_ROPE))
-def test_runs_past_max_position_embeddings_like_llama(rope_type, caplog):
+def test_runs_past_max_position_embeddings_like_llama(rope_type):
     """Llama runs past `max_position_embeddings` (16 here) with every RoPE type, and `generate` only warns; the
     muddified Llama gives the same logits there, and `generate` returns every token it made (the default type too:
     Llama extrapolates, so do we)."""
@@ -351,7 +352,12 @@ def test_runs_past_max_position_embeddings_like_llama(rope_type, caplog):
         assert (mudd(ids).logits - plain(ids).logits).abs().max().item() < 1e-5
     kwargs = dict(max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=0)
     transformers_logging.warning_once.cache_clear()  # transformers warns once per process
-    with caplog.at_level("WARNING"):
-        generated = mudd.generate(ids[:, :10], **kwargs)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()  # its default, which other tests in the process may have changed
+    try:
+        with CaptureLogger(transformers_logging.get_logger("transformers.generation.stopping_criteria")) as captured:
+            generated = mudd.generate(ids[:, :10], **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     assert generated.shape == (2, 24) and torch.equal(generated, plain.generate(ids[:, :10], **kwargs))
-    assert "exceeded the model's predefined maximum length (16)" in caplog.text
+    assert "exceeded the model's predefined maximum length (16)" in captured.out

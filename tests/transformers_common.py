@@ -10,9 +10,9 @@ the package `transformers_common_tests` and provides, in our own words, the thre
 * `utils.test_configuration_utils.config_common_kwargs`: a non-default value for every argument the 5.x base config
   takes, which `ConfigTester.check_config_arguments_init` sets and reads back.
 
-It also adds the MUDD classes to transformers' `*_MAPPING_NAMES` tables: the mixins decide by class name there which
-inputs a head needs (`labels` for causal-LM and image-classification heads), and `AutoModel.register` does not fill
-them.
+`MappingNamesForTheClass` adds the MUDD classes to transformers' `*_MAPPING_NAMES` tables while a tester runs: the
+mixins decide by class name there which inputs a head needs (`labels` for causal-LM and image-classification heads),
+and `AutoModel.register` does not fill them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers.models.auto import configuration_auto, modeling_auto
+from transformers.models.auto import modeling_auto
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,20 +83,34 @@ def _add_module(name: str, is_package: bool = False, **attributes) -> types.Modu
     return module
 
 
-def _register_mapping_names() -> None:
-    import modeling_muddpythia  # noqa: F401  (registers the Auto classes)
+MAPPING_NAMES = {
+    "MODEL_MAPPING_NAMES": {"muddpythia": "MUDDPythiaModel", "muddformer": "MUDDFormerModel", "muddvit": "MUDDViTModel"},
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": {"muddpythia": "MUDDPythiaForCausalLM", "muddformer": "MUDDFormerForCausalLM"},
+    "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES": {"muddvit": "MUDDViTForImageClassification"},
+}
 
-    for model_type, config_name in (
-        ("muddpythia", "MUDDPythiaConfig"), ("muddformer", "MUDDFormerConfig"), ("muddvit", "MUDDViTConfig"),
-    ):
-        configuration_auto.CONFIG_MAPPING_NAMES.setdefault(model_type, config_name)
-    modeling_auto.MODEL_MAPPING_NAMES.update(
-        muddpythia="MUDDPythiaModel", muddformer="MUDDFormerModel", muddvit="MUDDViTModel"
-    )
-    modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.update(
-        muddpythia="MUDDPythiaForCausalLM", muddformer="MUDDFormerForCausalLM"
-    )
-    modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.update(muddvit="MUDDViTForImageClassification")
+
+class MappingNamesForTheClass:
+    """For a `unittest.TestCase` running the mixins: the MUDD classes are in transformers' `*_MAPPING_NAMES` while
+    the class's tests run, and removed afterwards, so that no other test sees entries whose module transformers
+    cannot import. transformers' log level is its default (warning) meanwhile: several mixin tests read warnings,
+    and other code in the same process (e.g. `Trainer`, which sets the level) may have changed it."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        for table, entries in MAPPING_NAMES.items():
+            getattr(modeling_auto, table).update(entries)
+        cls._previous_verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_warning()
+
+    @classmethod
+    def tearDownClass(cls):
+        transformers.logging.set_verbosity(cls._previous_verbosity)
+        for table, entries in MAPPING_NAMES.items():
+            for model_type in entries:
+                getattr(modeling_auto, table).pop(model_type, None)
+        super().tearDownClass()
 
 
 def load_common_tests() -> types.ModuleType:
@@ -126,7 +140,6 @@ def load_common_tests() -> types.ModuleType:
     _add_module("exporters.test_export", ExportTesterMixin=ExportBehaviours)
     _add_module("utils", is_package=True)
     _add_module("utils.test_configuration_utils", config_common_kwargs=CONFIG_COMMON_KWARGS)
-    _register_mapping_names()
     return package
 
 
