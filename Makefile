@@ -18,7 +18,7 @@ TORCH ?= cpu
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-setup clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml tools/install_torch.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,22 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) -m modeling_muddpythia.cli main --output outputs
 
-test: setup
+# transformers' own common model tests (ModelTesterMixin, ConfigTester, ...) are not in the wheel: fetch the sdist of
+# the installed (pinned) version from the package index and unpack its tests/ into the ignored build/ folder, where
+# tests/transformers_common.py finds them. Nothing of it is copied into the repository.
+HF_TESTS = build/transformers-tests
+$(HF_TESTS)/.unpacked: $(VENV)/.installed
+	rm -rf $(HF_TESTS) && mkdir -p $(HF_TESTS)
+	version=$$($(PY) -c "import transformers; print(transformers.__version__)") && \
+	$(PY) -m pip download -q --no-deps --no-binary :all: "transformers==$$version" -d $(HF_TESTS) && \
+	tar -xzf $(HF_TESTS)/transformers-$$version.tar.gz -C $(HF_TESTS) --strip-components=1 "transformers-$$version/tests" && \
+	echo "$$version" > $(HF_TESTS)/VERSION && rm $(HF_TESTS)/transformers-$$version.tar.gz
+	touch $@
+
+test-setup: setup $(HF_TESTS)/.unpacked
+
+test: test-setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs build/transformers-tests

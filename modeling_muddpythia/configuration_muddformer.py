@@ -16,10 +16,11 @@ class MUDDFormerConfig(MUDDDecoderConfig):
         num_hidden_layers (`int`, defaults to 32): number of blocks `L`.
         num_attention_heads (`int`, defaults to 32): query heads.
         num_key_value_heads (`int`, *optional*): key/value heads for grouped-query attention (default: all heads).
-        head_dim (`int`, *optional*): per-head width (default `hidden_size // num_attention_heads`).
+        head_dim (`int`, *optional*): per-head width; resolved to `hidden_size // num_attention_heads` when not given.
         intermediate_size (`int`, defaults to 6912): SwiGLU width (the mean width under `ffn_width_reallocation`).
         hidden_act (`str`, defaults to `"silu"`): gate activation of the SwiGLU FFN.
-        max_position_embeddings (`int`, defaults to 2048): longest sequence the model accepts.
+        max_position_embeddings (`int`, defaults to 2048): the context length the model was trained for (what
+            scaled RoPE types extend); longer inputs run, as in GPT-NeoX and Llama, and `generate` warns past it.
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
         rms_norm_eps (`float`, defaults to 1e-6): epsilon of every RMSNorm, the qk-norm and the dense norms.
         use_cache (`bool`, defaults to `True`): return the KV cache.

@@ -10,6 +10,7 @@ query, key, value and residual inputs of the next block. Blocks are the shared M
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_muddvit import MUDDViTConfig
-from .modeling_mudd_decoder import MUDDAutoMapMixin, MUDDDecoderLayer, attend_and_project, run_mudd_blocks
+from .modeling_mudd_decoder import MUDDAutoMapMixin, MUDDDecoderLayer, eager_attention_forward, run_mudd_blocks
 from .mudd import MUDDDenseConnections, init_dense_connection_
 
 
@@ -154,8 +156,23 @@ class MUDDViTAttention(nn.Module):
         key = self.k_proj(key_input).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(value_input).view(hidden_shape).transpose(1, 2)
 
-        implementation = "eager" if output_attentions else self.config._attn_implementation
-        return attend_and_project(self, query, key, value, attention_mask, implementation, **kwargs)
+        attention_interface: Callable = eager_attention_forward
+        if not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*attn_output.shape[:2], -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
 
 
 class MUDDViTMLP(nn.Module):

@@ -202,7 +202,7 @@ def test_pax_npz_muddpythia_matches_reference(tmp_path):
     out = tmp_path / "out"
     assert convert("--format", "pax", "--input", tmp_path / "pax.npz", "--output", out, "--config", '{"vocab_size": 61}', "--verify") == 0
     config = json.loads((out / "config.json").read_text())
-    assert (config["model_type"], config["num_hidden_layers"], config["head_dim"], config["vocab_size"]) == ("muddpythia", 3, None, 61)
+    assert (config["model_type"], config["num_hidden_layers"], config["head_dim"], config["vocab_size"]) == ("muddpythia", 3, 8, 61)  # head_dim resolved (issue 11)
     assert_matches_reference(out, spec_from_pax(tensors, Shapes()), Shapes())
 
 

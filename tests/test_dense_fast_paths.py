@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.cache_utils import StaticCache
 
-from modeling_muddpythia.modeling_mudd_decoder import MUDDRotaryEmbedding, apply_partial_rotary
+from modeling_muddpythia.modeling_mudd_decoder import MUDDRotaryEmbedding, apply_partial_rotary, signed_rotary_tables
 from modeling_muddpythia.mudd import DenseStateStack, aggregate_states
 
 from test_muddpythia import VOCAB, random_model, tiny_config
@@ -95,7 +95,7 @@ def test_rotary_equals_rotate_half_formula(partial_rotary_factor):
     rotary = MUDDRotaryEmbedding(config)
     positions = torch.tensor([[0, 3, 7], [1, 2, 40]])
     x = torch.randn(2, 2, 3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    cos, signed_sin = rotary(x, positions)
+    cos, signed_sin = signed_rotary_tables(*rotary(x, positions))
     got = apply_partial_rotary(x, cos, signed_sin)
     # the textbook GPT-NeoX form: x_rot * cos + rotate_half(x_rot) * sin on the first rotary dims
     rotary_dim = config.rotary_ndims
@@ -111,14 +111,17 @@ def test_rotary_equals_rotate_half_formula(partial_rotary_factor):
     assert got.shape == x.shape and (got - expected).abs().max().item() < 1e-4
 
 
-def test_too_long_input_raises_with_a_static_cache_larger_than_the_model():
+def test_static_cache_larger_than_the_model_decodes_past_the_limit():
+    """A StaticCache longer than `max_position_embeddings` decodes past it as GPT-NeoX/Llama do: same logits as one
+    pass without a cache."""
     model = random_model(seed=2, attn="sdpa")  # max_position_embeddings 64
+    ids = torch.randint(1, VOCAB, (1, 67), generator=torch.Generator().manual_seed(2))
     cache = StaticCache(config=model.config, max_cache_len=80)
     with torch.no_grad():
-        model(torch.randint(1, VOCAB, (1, 62)), past_key_values=cache, use_cache=True)
-        model(torch.randint(1, VOCAB, (1, 2)), past_key_values=cache, use_cache=True)
-        with pytest.raises(ValueError, match="max_position_embeddings"):
-            model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache, use_cache=True)
+        full = model(ids).logits
+        steps = [model(ids[:, :62], past_key_values=cache, use_cache=True).logits]
+        steps += [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(62, 67)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
 
 
 def test_static_cache_decode_step_compiles_in_one_graph():

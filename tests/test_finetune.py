@@ -215,9 +215,11 @@ def test_trainer_lowers_loss_and_checkpointing_changes_nothing(workspace, tmp_pa
 def test_trainer_loss_kwargs_average_over_all_accumulated_tokens(workspace, tmp_path):
     """Trainer passes `num_items_in_batch` (the label count of all accumulated micro-batches) to `forward`, which
     hands it to the loss: one step with 2 micro-batches of 2 must equal SGD on the token mean over all 4 examples."""
-    model = AutoModelForCausalLM.from_pretrained(workspace["model"])
+    # float64 throughout, so that the tolerance below can be derived from the computation (float32 at learning rate
+    # 0.5 gave differences of ~1e-5 that depend on the machine's summation order)
+    model = AutoModelForCausalLM.from_pretrained(workspace["model"], dtype=torch.float64)
     randomize_(model, seed=3)  # non-identity dense connections, so that their gradients are exercised too
-    reference = AutoModelForCausalLM.from_pretrained(workspace["model"])
+    reference = AutoModelForCausalLM.from_pretrained(workspace["model"], dtype=torch.float64)
     reference.load_state_dict(model.state_dict())
     examples = [{"input_ids": ids} for ids in ([5, 6, 7, 8, 9, 10, 11, 0], [12, 13, 0], [14, 15, 16, 17, 0], [18, 0])]
     collate = CausalLMPaddingCollator(pad_token_id=0)
@@ -229,25 +231,65 @@ def test_trainer_loss_kwargs_average_over_all_accumulated_tokens(workspace, tmp_
         logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
     )
     loss = model(**batch, num_items_in_batch=torch.tensor(13)).loss
-    torch.testing.assert_close(loss, summed / 13)
+    # transformers' causal-LM loss upcasts the logits to float32 (only to float32: from float64 that is a downcast)
+    torch.testing.assert_close(loss.double(), summed / 13, rtol=1e-6, atol=0.0)
 
+    lr = 0.5
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
-        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        optim="sgd", learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
         use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
     )
     Trainer(model=model, args=args, train_dataset=examples, data_collator=collate).train()
 
-    full = collate(examples)
-    full_logits = reference(**full).logits
-    mean = torch.nn.functional.cross_entropy(
-        full_logits[:, :-1].reshape(-1, VOCAB), full["labels"][:, 1:].reshape(-1), ignore_index=-100
-    )
-    mean.backward()
+    def token_mean_loss(items):
+        full = collate(items)
+        full_logits = reference(**full).logits
+        return torch.nn.functional.cross_entropy(
+            full_logits[:, :-1].reshape(-1, VOCAB), full["labels"][:, 1:].reshape(-1), ignore_index=-100,
+            reduction="sum",
+        ) / label_count  # the mean over every label token of the 4 examples
+
+    label_count = collate(examples)["labels"][:, 1:].ne(-100).sum()
+    # Per-example gradient magnitudes, for the tolerance.
+    per_example = {name: torch.zeros_like(param) for name, param in reference.named_parameters()}
+    for example in examples:
+        reference.zero_grad()
+        token_mean_loss([example]).backward()
+        for name, param in reference.named_parameters():
+            per_example[name] += param.grad.abs()
+    reference.zero_grad()
+    token_mean_loss(examples).backward()
+
+    # The tolerance, derived. Both sides compute the same update `theta - lr * g`, in float64 except the loss, which
+    # transformers computes in float32 on the trained side (above). So they differ by rounding only:
+    # * float32 loss: each logit is rounded to float32 (relative u32 = 2**-24, i.e. an absolute error up to
+    #   u32 * max|logit| in the exponent of the softmax) and the softmax over V entries sums V float32 terms
+    #   (relative error V * u32) and divides and subtracts (2 more roundings). So each entry of d loss / d logits is
+    #   off by at most (V + 2 + 2 * max|logit|) * u32 relative to the magnitude of the softmax terms; backward is
+    #   linear in d loss / d logits, so to first order each parameter tensor's gradient is off by at most that factor
+    #   times the largest of its per-example gradient magnitudes (`per_example` adds the examples' contributions
+    #   without cancellation; per tensor, not per entry, because backward spreads each logit's error over the whole
+    #   tensor; measured on this model the differences stay below a tenth of the bound);
+    # * float64 sums in another order (two micro-batches padded to 8 and 5 tokens and accumulated, against one batch
+    #   of 4 padded to 8): a sum of n terms is within n * u64 * sum|terms| of the exact one (Higham's gamma_n), with
+    #   n = batch * sequence * widest dimension, through at most `chain` reductions in series;
+    # * the update itself rounds by u64 * |theta|.
+    # This comes to ~1e-6 at most here (the float32 loss dominates), while averaging per micro-batch instead of over all accumulated tokens moves
+    # the parameters by ~1e-2.
+    config = reference.config
     with torch.no_grad():
-        for param in reference.parameters():
-            param -= 0.5 * param.grad
-    assert_states_close(reference.state_dict(), model.state_dict(), atol=1e-6)
+        max_logit = reference(**collate(examples)).logits.abs().max().item()
+    widest = max(config.vocab_size, *(config.ffn_width(i) for i in range(config.num_hidden_layers)))
+    chain = 2 * config.num_hidden_layers + 3
+    u32, u64 = 2.0**-24, 2.0**-53
+    relative = (config.vocab_size + 2 + 2 * max_logit) * u32 + chain * 4 * 8 * widest * u64
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            expected = param - lr * param.grad
+            tolerance = lr * relative * per_example[name].max() + u64 * expected.abs().max()
+            diff = (model.state_dict()[name] - expected).abs().max()
+            assert diff <= tolerance, f"{name}: max |diff| {diff.item():.3g} > tolerance {tolerance.item():.3g}"
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(workspace, tmp_path):

@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from modeling_muddpythia import MUDDFormerConfig, MUDDFormerForCausalLM, MUDDFormerModel, muddify
 
@@ -321,3 +323,41 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_remote_code_load_without_package(tmp_path):
     assert_remote_code_loads_without_package(random_model(seed=14, attn="sdpa"), tmp_path, VOCAB)
+
+
+# --------------------------------------------------------------------------- past max_position_embeddings (issue 11)
+
+SCALED_ROPE = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(SCALED_ROPE))
+def test_runs_past_max_position_embeddings_like_llama(rope_type):
+    """Llama runs past `max_position_embeddings` (16 here) with every RoPE type, and `generate` only warns; the
+    muddified Llama gives the same logits there, and `generate` returns every token it made (the default type too:
+    Llama extrapolates, so do we)."""
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=16, rope_parameters=dict(SCALED_ROPE[rope_type]), attn_implementation="eager",
+    )).eval()
+    mudd = muddify(plain)
+    assert mudd.config.head_dim == 8 and mudd.config.rope_parameters["rope_type"] == rope_type
+    ids = torch.randint(1, VOCAB, (2, 28), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (mudd(ids).logits - plain(ids).logits).abs().max().item() < 1e-5
+    kwargs = dict(max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=0)
+    transformers_logging.warning_once.cache_clear()  # transformers warns once per process
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()  # its default, which other tests in the process may have changed
+    try:
+        with CaptureLogger(transformers_logging.get_logger("transformers.generation.stopping_criteria")) as captured:
+            generated = mudd.generate(ids[:, :10], **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    assert generated.shape == (2, 24) and torch.equal(generated, plain.generate(ids[:, :10], **kwargs))
+    assert "exceeded the model's predefined maximum length (16)" in captured.out

@@ -358,12 +358,19 @@ def test_odd_rotary_dims_rejected():
         tiny_config(hidden_size=40, num_attention_heads=4, partial_rotary_factor=0.3)
 
 
-def test_too_long_input_raises():
-    model = random_model()
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(torch.zeros(1, 65, dtype=torch.long))
+def test_input_past_max_position_embeddings_runs_like_gpt_neox():
+    """GPT-NeoX runs inputs longer than `max_position_embeddings` (rotary extrapolates); so does the muddified
+    model, with the same logits (issue 11: an exception there lost every token `generate` had made)."""
+    torch.manual_seed(0)
+    plain = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=16, rotary_pct=0.5,
+    )).eval()
+    ids = torch.randint(1, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (muddify(plain)(ids).logits - plain(ids).logits).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="exactly one"):
-        model()
+        random_model()()
 
 
 def test_presets_load():

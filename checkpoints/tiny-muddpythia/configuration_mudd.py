@@ -88,6 +88,11 @@ class MUDDDecoderConfig(PreTrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        # Resolved here, as in `LlamaConfig`: transformers' RoPE initialisers ("dynamic", "yarn", ...) read
+        # `config.head_dim`. A missing one is only derived when the width splits evenly (checked in `validate_mudd`).
+        if head_dim is None and isinstance(num_attention_heads, int) and num_attention_heads > 0:
+            if isinstance(hidden_size, int) and hidden_size % num_attention_heads == 0:
+                head_dim = hidden_size // num_attention_heads
         self.head_dim = head_dim
         self.intermediate_size = intermediate_size
         self.hidden_act = hidden_act
@@ -120,7 +125,7 @@ class MUDDDecoderConfig(PreTrainedConfig):
     # ------------------------------------------------------------------ derived values
     @property
     def attention_head_dim(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+        return self.head_dim
 
     @property
     def rotary_ndims(self) -> int:
@@ -147,13 +152,12 @@ class MUDDDecoderConfig(PreTrainedConfig):
     def validate_mudd(self) -> None:
         """Raise `ValueError` naming the first invalid field."""
         self._validate_sizes()
-        if self.head_dim is not None:
-            _check_positive_int("head_dim", self.head_dim)
-        elif self.hidden_size % self.num_attention_heads != 0:
+        if self.head_dim is None:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
                 f"({self.num_attention_heads}) unless `head_dim` is given"
             )
+        _check_positive_int("head_dim", self.head_dim)
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"`num_key_value_heads` ({self.num_key_value_heads}) must divide `num_attention_heads` "

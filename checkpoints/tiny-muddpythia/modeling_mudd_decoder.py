@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import is_torchdynamo_compiling, logging
+from transformers.utils import logging
 
 from .mudd import MUDDDenseConnections, MUDDRMSNorm, init_dense_connection_
 
@@ -46,9 +46,8 @@ class MUDDCausalLMOutputWithPast(CausalLMOutputWithPast):
 class MUDDRotaryEmbedding(nn.Module):
     """Rotary cos/sin for the first `rotary_ndims` dims of each head (GPT-NeoX "rotate half" layout).
 
-    Returns `(cos, signed_sin)`, each `[batch, 1, seq, rotary_ndims]` (broadcasting over heads) in the dtype of `x`;
-    the first half of `signed_sin` is negated so that a rotation is `x * cos + roll(x, half) * signed_sin`
-    (see `apply_partial_rotary`). Computed once per forward, which keeps these ops out of every layer.
+    Returns `(cos, sin)`, each `[batch, seq, rotary_ndims]` in the dtype of `x`, as transformers' rotary modules do;
+    `signed_rotary_tables` turns them into the tables `apply_partial_rotary` uses.
     """
 
     def __init__(self, config):
@@ -74,10 +73,19 @@ class MUDDRotaryEmbedding(nn.Module):
     @torch.no_grad()
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[:, None, :, None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        freqs = position_ids[:, :, None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        freqs = torch.cat((freqs, freqs), dim=-1)
         cos = freqs.cos() * self.attention_scaling
         sin = freqs.sin() * self.attention_scaling
-        return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((-sin, sin), dim=-1).to(x.dtype)
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def signed_rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(cos, sin)` `[batch, seq, rotary_ndims]` -> `(cos, signed_sin)` `[batch, 1, seq, rotary_ndims]` (broadcasting
+    over heads), the first half of `signed_sin` negated so that a rotation is `x * cos + roll(x, half) * signed_sin`
+    (see `apply_partial_rotary`). Made once per forward, which keeps these ops out of every layer."""
+    half = sin.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
 
 
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -388,23 +396,6 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
-    def _check_input_length(self, past_key_values: Cache | None, past_seen_tokens, new_tokens: int) -> None:
-        """Raise when the cached plus the new tokens exceed `max_position_embeddings`.
-
-        Static caches count their length in a device tensor: reading it would sync with the device at every step and
-        break `torch.compile(fullgraph=True)`, so their fixed capacity is checked instead when it is within the limit.
-        """
-        limit = self.config.max_position_embeddings
-        if isinstance(past_seen_tokens, torch.Tensor):
-            if 0 <= past_key_values.get_max_length() <= limit or is_torchdynamo_compiling():
-                return
-            past_seen_tokens = int(past_seen_tokens)
-        if past_seen_tokens + new_tokens > limit:
-            raise ValueError(
-                f"Input of {past_seen_tokens + new_tokens} tokens (cache {past_seen_tokens} + new {new_tokens}) is "
-                f"longer than `max_position_embeddings` ({limit})"
-            )
-
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
@@ -455,8 +446,9 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
+        # No length check: as in GPT-NeoX and Llama, positions past `max_position_embeddings` run (RoPE is defined at
+        # every position; scaled RoPE types are made for it), and `generate` warns when it goes past the limit.
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-        self._check_input_length(past_key_values, past_seen_tokens, inputs_embeds.shape[1])
         # A 2D mask covers the cached and the new tokens; any other length would be silently cut or broadcast.
         # Shapes only (compile-friendly); a StaticCache counts in a tensor, and is then not checked.
         if attention_mask is not None and attention_mask.dim() == 2 and isinstance(past_seen_tokens, int):
@@ -478,7 +470,7 @@ class MUDDDecoderModel(MUDDDecoderPreTrainedModel):
         )
 
         hidden_states = self.embed_dropout(inputs_embeds)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings = signed_rotary_tables(*self.rotary_emb(hidden_states, position_ids))
         last_stream, all_hidden_states, all_attentions, all_dense_weights = run_mudd_blocks(
             self.layers,
             self.dense,
