@@ -406,7 +406,7 @@ def benchmark_case(
         del compiled
         torch._dynamo.reset()
     if family.kind == "causal-lm" and ("decode" in args.metrics or args.compile_decode):
-        prompt_len = min(seq_len, plain.config.max_position_embeddings - args.new_tokens - 8)
+        prompt_len = min(args.prompt_len or seq_len, plain.config.max_position_embeddings - args.new_tokens - 8)
         prompt = inputs["plain"][0]["input_ids"][:, :prompt_len]
         if "decode" in args.metrics:
             with stage("decode", rounds) as step:
@@ -563,6 +563,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measured runs per model, the median is reported (default: 5)")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured runs per model before the repeats (default: 1)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode run (default: 32)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="prompt tokens before decoding (default: the sequence length, within the model's limit)")
     parser.add_argument("--compile-decode", action="store_true",
                         help="also decode with StaticCache + torch.compile(fullgraph=True); a graph break fails the run")
     parser.add_argument("--compile-mode", default=None,
