@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     main_job = commands.add_parser(
         "main", help="the main job: lm-eval of the shipped tiny GPT-NeoX and MUDDPythia on the synthetic tasks "
-        "(0- and 5-shot), side-by-side table, sample generations, dense-weight heatmap"
+        "(0- and 5-shot), side-by-side table, sample generations, dense-weight heatmap, depth experiment figure"
     )
     main_job.add_argument("--output", default="outputs", help="folder for the table, results and heatmap")
     main_job.add_argument("--shots", type=int, nargs="+", default=[0, 5])
@@ -122,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     table3_arguments(evaluate).set_defaults(run=_table3)
 
     train = commands.add_parser(
-        "train-tiny", help="train the tiny GPT-NeoX and MUDDPythia shipped in checkpoints/ (CPU, a few minutes each)"
+        "train-tiny", help="train a tiny GPT-NeoX and MUDDPythia pair (6 blocks; the main job's models now come from "
+        "the depth experiment, python -m modeling_muddpythia.depth_experiment)"
     )
-    train.add_argument("--output", default=str(REPO_ROOT / "checkpoints"))
+    train.add_argument("--output", default="outputs/train-tiny")
     train.add_argument("--steps", type=int, default=1200)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--seq-length", type=int, default=256)

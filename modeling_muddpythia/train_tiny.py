@@ -1,6 +1,7 @@
-"""Train the two tiny models that ship in `checkpoints/`: a plain GPT-NeoX and the MUDDPythia made from it.
+"""Train a pair of tiny models: a plain GPT-NeoX and the MUDDPythia made from it.
 
-`mudd train-tiny` (what produced the shipped checkpoints) does, on CPU:
+`mudd train-tiny` made the main job's first pair (6 blocks; the main job now ships the depth experiment's 8-block
+pair, trained by `depth_experiment.py` with these building blocks). It does, on CPU:
 
 1. builds the word-level tokenizer of the synthetic language (`synthetic.py`);
 2. initialises a small `GPTNeoXForCausalLM` from a seed, and the MUDDPythia that computes exactly the same function
