@@ -263,6 +263,7 @@ def plot_depth(logs: list[dict], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colours = {"plain": "tab:blue", "mudd": "tab:red"}
     depths = sorted({r["depth"] for r in logs})
@@ -301,6 +302,10 @@ def plot_depth(logs: list[dict], path: str | Path) -> None:
             right.fill_between(flops, [min(v) for v in losses], [max(v) for v in losses], color=colours[arch],
                                alpha=0.15, linewidth=0)
     right.set_xscale("log")
+    lowest, highest = right.get_xlim()
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lowest <= t <= highest]
+    right.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.set_xlabel("training compute (TFLOPs, FlopCounterMode x 3)")
     right.set_ylabel("held-out loss (nats/token)")
     right.set_title("held-out loss during training (mean over seeds, min-max band)")
