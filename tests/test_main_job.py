@@ -172,7 +172,13 @@ def test_readme_tables_are_what_the_shipped_checkpoints_and_logs_give(main_job_o
     assert result["table"] in readme, "README's lm-eval table differs from the main job's: update the README"
     assert result["depth_table"] in readme, "README's depth table differs from the shipped logs: update the README"
     plain, mudd = (json.loads((CHECKPOINTS_DIR / f / "training_log.json").read_text()) for f, _ in MODELS)
-    assert f"held-out loss: GPT-NeoX {plain['heldout_loss']:.3f}, MUDDPythia {mudd['heldout_loss']:.3f}" in readme
+    sentence = (  # README prose wraps lines: compare with whitespace collapsed
+        f"Equal training compute ({mudd['train_flops'] / 1e12:.2f} TFLOPs); parameters: GPT-NeoX "
+        f"{plain['parameters']:,}, MUDDPythia {mudd['parameters']:,} "
+        f"(+{100 * (mudd['parameters'] / plain['parameters'] - 1):.1f}%); held-out loss: GPT-NeoX "
+        f"{plain['heldout_loss']:.3f}, MUDDPythia {mudd['heldout_loss']:.3f}."
+    )
+    assert sentence in " ".join(readme.split())
 
 
 def test_run_scripts_recall_metrics_equal_lm_eval(main_job_output):
