@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     main_job = command(
         "main", "the main job: lm-eval of the shipped tiny GPT-NeoX and MUDDPythia on the synthetic tasks "
-        "(0- and 5-shot), side-by-side table, sample generations, dense-weight heatmap"
+        "(0- and 5-shot), side-by-side table, sample generations, dense-weight heatmap, depth experiment figure"
     )
     main_job.add_argument("--output", default="outputs", help="folder for the table, results and heatmap")
     main_job.add_argument("--shots", type=int, nargs="+", default=[0, 5], help="few-shot settings to evaluate")
@@ -138,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     table3_arguments(evaluate).set_defaults(run=_table3)
 
     train = command(
-        "train-tiny", "train the tiny GPT-NeoX and MUDDPythia shipped in checkpoints/ (CPU, a few minutes each)"
+        "train-tiny", "train a tiny GPT-NeoX and MUDDPythia pair (6 blocks; the main job's models come from the depth "
+        "experiment, python -m modeling_muddpythia.depth_experiment)"
     )
-    train.add_argument("--output", default=str(REPO_ROOT / "checkpoints"), help="folder for the two model folders")
+    train.add_argument("--output", default="outputs/train-tiny", help="folder for the two model folders")
     train.add_argument("--steps", type=int, default=1200,
                        help="training steps of the MUDD model (the plain model gets more, for equal compute)")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per step")

@@ -1,13 +1,17 @@
 """The main job (`make run` = `mudd main`): MUDD against a plain Transformer, on a fresh machine, offline.
 
-It evaluates the two tiny models shipped in `checkpoints/` (trained by `mudd train-tiny`: a GPT-NeoX and the
-MUDDPythia made from the same initial weights, same data, same steps) with lm-evaluation-harness on the synthetic
-tasks in `tests/tasks/`, 0- and 5-shot, and writes to `outputs/`:
+It evaluates the two tiny models shipped in `checkpoints/` (the 8-block pair of seed 0 of the depth experiment,
+`depth_experiment.py`: a GPT-NeoX and the MUDDPythia made from the same initial weights, same data, equal training
+compute) with lm-evaluation-harness on the synthetic tasks in `tests/tasks/`, 0- and 5-shot, and writes to
+`outputs/`:
 
 * `tiny_models_table.md`: the side-by-side table (also printed), sample generations of both models;
 * `lm_eval_results.json`: lm-eval's raw results;
 * `dense_weights_heatmap.png` / `dense_weights.json`: the MUDD model's mean dense-connection weights per layer,
-  stream and source depth (the paper's analysis view).
+  stream and source depth (the paper's analysis view);
+* `depth_experiment.png` / `depth_experiment.md`: the depth experiment's held-out loss against depth and against
+  training compute for both architectures, with the spread over seeds, from the shipped training logs in
+  `experiments/depth/logs/` (nothing is retrained).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .depth_experiment import LOG_DIR, SHIPPED_NAMES, depth_summary, depth_table, load_logs, plot_depth
 from .evaluation import evaluate_model, metric_value, task_manager
 
 
@@ -25,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
 TASKS_DIR = REPO_ROOT / "tests" / "tasks"
 # (checkpoint folder, column name)
-MODELS = (("tiny-gptneox", "GPT-NeoX"), ("tiny-muddpythia", "MUDDPythia"))
+MODELS = ((SHIPPED_NAMES["plain"], "GPT-NeoX"), (SHIPPED_NAMES["mudd"], "MUDDPythia"))
 # (task, metric, description, higher is better)
 TABLE_ROWS = (
     ("mudd_synth_recall", "acc", "associative recall (MQAR), 4-way choice", True),
@@ -44,7 +49,8 @@ def check_checkpoints(checkpoints: Path) -> None:
         if not (checkpoints / folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"{checkpoints / folder} is missing: the tiny models ship with the repository (git checkout "
-                "checkpoints/), or recreate them with `mudd train-tiny`"
+                "checkpoints/), or recreate them with `python -m modeling_muddpythia.depth_experiment run --depth 8 "
+                "--seed 0 --arch plain|mudd` (see experiments/depth/PROTOCOL.md)"
             )
 
 
@@ -203,6 +209,7 @@ def run_main_job(
     checkpoints: str | Path = CHECKPOINTS_DIR,
     tasks_dir: str | Path = TASKS_DIR,
     heatmap_documents: int = 64,
+    log_dir: str | Path = LOG_DIR,
 ) -> dict:
     """Run the main job; returns `{"table": markdown, "scores": ..., "generations": ..., "dense_weights": ...}`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -256,24 +263,40 @@ def run_main_job(
     )
     (output / "dense_weights.json").write_text(json.dumps([w.tolist() for w in mean_weights]) + "\n")
 
-    report = _report(table, generations, logs, shots)
+    depth_logs = load_logs(log_dir)
+    depth_md = depth_table(depth_summary(depth_logs)) if depth_logs else ""
+    if depth_logs:
+        plot_depth(depth_logs, output / "depth_experiment.png")
+        (output / "depth_experiment.md").write_text(depth_md)
+
+    report = _report(table, generations, logs, shots, depth_md)
     (output / "tiny_models_table.md").write_text(report)
     (output / "lm_eval_results.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print(report)
     print(f"Wrote {output / 'tiny_models_table.md'}, {output / 'lm_eval_results.json'}, "
-          f"{output / 'dense_weights_heatmap.png'}, {output / 'dense_weights.json'}")
-    return {"table": table, "scores": scores, "generations": generations, "dense_weights": mean_weights,
-            "report": report}
+          f"{output / 'dense_weights_heatmap.png'}, {output / 'dense_weights.json'}"
+          + (f", {output / 'depth_experiment.png'}" if depth_logs else ""))
+    return {"table": table, "depth_table": depth_md, "scores": scores, "generations": generations,
+            "dense_weights": mean_weights, "report": report}
 
 
-def _report(table: str, generations: list[dict], logs: dict, shots: tuple[int, ...]) -> str:
+def _report(table: str, generations: list[dict], logs: dict, shots: tuple[int, ...], depth_md: str = "") -> str:
     (_, plain), (_, mudd) = MODELS
     lines = ["# Tiny GPT-NeoX vs tiny MUDDPythia on the synthetic tasks", ""]
+    if depth_md:
+        lines += [
+            "## The depth experiment (experiments/depth/PROTOCOL.md; from the shipped training logs)", "",
+            "Final held-out loss (nats/token) and 0-shot recall, mean ± standard deviation over the seeds; each "
+            "pair starts from the same function, sees the same data and gets equal training compute:", "",
+            depth_md, "Curves: `depth_experiment.png`.", "",
+            f"## The shipped {logs.get(mudd, {}).get('depth', '')}-block pair", "",
+        ]
     if logs.get(plain) and logs.get(mudd):
         a, b = logs[plain], logs[mudd]
         overhead = 100 * (b["forward_flops_per_token"] / a["forward_flops_per_token"] - 1)
         lines += [
-            f"Both trained by `mudd train-tiny` from the same initial function on the same stream of documents with "
+            f"Both trained by `depth_experiment.py` (seed {b.get('seed')}) from the same initial function on the same "
+            f"stream of documents with "
             f"equal training compute ({b['train_flops'] / 1e12:.2f} TFLOPs): {mudd} {b['steps']} steps, {plain} "
             f"{a['steps']} steps (the dense connections cost {overhead:.1f}% more FLOPs per token). Parameters: "
             f"{plain} {a['parameters']:,}, {mudd} {b['parameters']:,} "

@@ -1,6 +1,7 @@
-"""Train the two tiny models that ship in `checkpoints/`: a plain GPT-NeoX and the MUDDPythia made from it.
+"""Train a pair of tiny models: a plain GPT-NeoX and the MUDDPythia made from it.
 
-`mudd train-tiny` (what produced the shipped checkpoints) does, on CPU:
+`mudd train-tiny` made the main job's first pair (6 blocks; the main job now ships the depth experiment's 8-block
+pair, trained by `depth_experiment.py` with these building blocks). It does, on CPU:
 
 1. builds the word-level tokenizer of the synthetic language (`synthetic.py`);
 2. initialises a small `GPTNeoXForCausalLM` from a seed, and the MUDDPythia that computes exactly the same function
@@ -41,11 +42,14 @@ TINY_SHAPE = dict(
 PLAIN_NAME, MUDD_NAME = "tiny-gptneox", "tiny-muddpythia"
 
 
-def plain_model(vocab_size: int, seed: int):
-    """A freshly initialised tiny `GPTNeoXForCausalLM` (bos = eos = 0, pad = 1, like the tokenizer)."""
+def plain_model(vocab_size: int, seed: int, **shape):
+    """A freshly initialised tiny `GPTNeoXForCausalLM` (bos = eos = 0, pad = 1, like the tokenizer); `shape`
+    overrides fields of `TINY_SHAPE` (e.g. `num_hidden_layers`)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    config = GPTNeoXConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=1, **TINY_SHAPE)
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=1, **{**TINY_SHAPE, **shape}
+    )
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(config)
 
@@ -97,8 +101,10 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, batches: list[torch.Tensor], peak_lr: float, desc: str) -> list[float]:
-    """AdamW over `batches` in order; returns the loss of every step."""
+def train(model, batches: list[torch.Tensor], peak_lr: float, desc: str, after_step=None, disable_progress=None
+          ) -> list[float]:
+    """AdamW over `batches` in order; returns the loss of every step. `after_step(steps_done, model)`, if given, is
+    called after every optimiser step (e.g. to measure a held-out loss along the way)."""
     from tqdm.auto import tqdm
 
     model.train()
@@ -111,7 +117,7 @@ def train(model, batches: list[torch.Tensor], peak_lr: float, desc: str) -> list
         betas=(0.9, 0.95),
     )
     losses = []
-    progress = tqdm(batches, desc=desc, unit="step")
+    progress = tqdm(batches, desc=desc, unit="step", disable=disable_progress)
     for step, batch in enumerate(progress):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, len(batches), peak_lr, warmup=max(1, len(batches) // 20))
@@ -121,6 +127,8 @@ def train(model, batches: list[torch.Tensor], peak_lr: float, desc: str) -> list
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
+        if after_step is not None:
+            after_step(step + 1, model)
         progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     return losses
 

@@ -21,6 +21,9 @@ from modeling_muddpythia.main_job import (
 from modeling_muddpythia.synthetic import build_tokenizer, task_rows
 from modeling_muddpythia.train_tiny import MUDD_NAME, PLAIN_NAME, mudd_model_from, plain_model, train_tiny_models
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+SHIPPED_MUDD = MODELS[1][0]  # the checkpoint folder of the main job's MUDD model (carries its remote code)
+
 
 PROBE = "recall k3 v17 k9 v2 ; k9 v2 k3 v17 . copy A Q Z = A Q Z . alice and bob went to the park ."
 
@@ -33,23 +36,27 @@ def test_shipped_checkpoints_are_small_safetensors_with_tokenizer():
         assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files, folder
         assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files), folder
         total += sum(p.stat().st_size for p in path.iterdir())
-        log = json.loads((path / "training_log.json").read_text())
-        assert log["model"] == folder
     assert total <= 20 * 2**20
-    config = json.loads((CHECKPOINTS_DIR / MUDD_NAME / "config.json").read_text())
+    config = json.loads((CHECKPOINTS_DIR / SHIPPED_MUDD / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_muddpythia.MUDDPythiaForCausalLM"
     plain, mudd = (json.loads((CHECKPOINTS_DIR / f / "training_log.json").read_text()) for f, _ in MODELS)
+    assert (plain["arch"], mudd["arch"]) == ("plain", "mudd")
     # same data stream, same starting function, same training compute
-    for key in ("batch_size", "seq_length", "seed", "peak_lr"):
+    for key in ("depth", "batch_size", "seq_length", "seed", "peak_lr", "heldout_seed"):
         assert plain[key] == mudd[key], key
-    assert plain["losses"][0] == pytest.approx(mudd["losses"][0], abs=1e-4)
+    assert plain["curve"][0]["heldout_loss"] == pytest.approx(mudd["curve"][0]["heldout_loss"], abs=1e-5)
     assert plain["train_flops"] == pytest.approx(mudd["train_flops"], rel=0.01)
+    for folder, _ in MODELS:  # the folders hold the models of the right architecture and depth
+        config = json.loads((CHECKPOINTS_DIR / folder / "config.json").read_text())
+        assert config["num_hidden_layers"] == plain["depth"]
+    assert json.loads((CHECKPOINTS_DIR / MODELS[0][0] / "config.json").read_text())["model_type"] == "gpt_neox"
+    assert config["model_type"] == "muddpythia"
 
 
 def test_shipped_mudd_checkpoint_remote_code_equals_package():
     """The folder's own copy of the modeling code (loaded in a process where our package cannot be imported) gives
     the same logits as the installed package: the shipped remote code is not stale."""
-    folder = CHECKPOINTS_DIR / MUDD_NAME
+    folder = CHECKPOINTS_DIR / SHIPPED_MUDD
     tokenizer = build_tokenizer()
     ids = tokenizer(PROBE)["input_ids"]
     script = textwrap.dedent(
@@ -131,32 +138,71 @@ def test_mean_dense_weights_are_token_weighted_means():
         assert torch.allclose(mean, stacked.mean(0), atol=1e-6)
 
 
-def test_main_job_on_the_shipped_checkpoints(tmp_path):
-    """A short run of the main job (3 documents per task): every output is written, every table cell is filled."""
-    result = run_main_job(output=tmp_path, shots=(0, 5), batch_size=8, limit=3, heatmap_documents=4)
-    table = (tmp_path / "tiny_models_table.md").read_text()
+@pytest.fixture(scope="module")
+def main_job_output(tmp_path_factory):
+    """The main job exactly as `make run` runs it (all documents, 0- and 5-shot), once for this module."""
+    output = tmp_path_factory.mktemp("main_job")
+    return output, run_main_job(output=output)
+
+
+def test_main_job_on_the_shipped_checkpoints(main_job_output):
+    """Every output is written, every table cell is filled."""
+    output, result = main_job_output
+    table = (output / "tiny_models_table.md").read_text()
     assert "GPT-NeoX 5-shot" in table and "MUDDPythia 0-shot" in table
     for _, _, description, _ in TABLE_ROWS:
         row = next(line for line in table.splitlines() if line.startswith(f"| {description} |"))
         assert "–" not in row, row
-    assert (tmp_path / "dense_weights_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    raw = json.loads((tmp_path / "lm_eval_results.json").read_text())
+    for picture in ("dense_weights_heatmap.png", "depth_experiment.png"):
+        assert (output / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+    raw = json.loads((output / "lm_eval_results.json").read_text())
     assert set(raw) == {"GPT-NeoX 0-shot", "MUDDPythia 0-shot", "GPT-NeoX 5-shot", "MUDDPythia 5-shot"}
     assert raw["MUDDPythia 5-shot"]["n-shot"]["mudd_synth_recall"] == 5
     assert raw["MUDDPythia 5-shot"]["n-shot"]["mudd_synth_perplexity"] == 0
     assert len(result["generations"]) == 5 and all(g["MUDDPythia"] for g in result["generations"])
-    assert len(json.loads((tmp_path / "dense_weights.json").read_text())) == len(result["dense_weights"])
+    assert len(json.loads((output / "dense_weights.json").read_text())) == len(result["dense_weights"])
+    assert (output / "depth_experiment.md").read_text() == result["depth_table"]
+
+
+def test_readme_tables_are_what_the_shipped_checkpoints_and_logs_give(main_job_output):
+    """The README's two tables (lm-eval of the shipped pair; the depth experiment from the shipped logs) and the
+    sentence with the shipped pair's held-out losses are exactly what the main job prints today."""
+    _, result = main_job_output
+    readme = README.read_text()
+    assert result["table"] in readme, "README's lm-eval table differs from the main job's: update the README"
+    assert result["depth_table"] in readme, "README's depth table differs from the shipped logs: update the README"
+    plain, mudd = (json.loads((CHECKPOINTS_DIR / f / "training_log.json").read_text()) for f, _ in MODELS)
+    sentence = (  # README prose wraps lines: compare with whitespace collapsed
+        f"Equal training compute ({mudd['train_flops'] / 1e12:.2f} TFLOPs); parameters: GPT-NeoX "
+        f"{plain['parameters']:,}, MUDDPythia {mudd['parameters']:,} "
+        f"(+{100 * (mudd['parameters'] / plain['parameters'] - 1):.1f}%); held-out loss: GPT-NeoX "
+        f"{plain['heldout_loss']:.3f}, MUDDPythia {mudd['heldout_loss']:.3f}."
+    )
+    assert sentence in " ".join(readme.split())
+
+
+def test_run_scripts_recall_metrics_equal_lm_eval(main_job_output):
+    """The depth experiment scores recall and copying itself (for all 18 runs); on the shipped pair its 0-shot
+    numbers must be lm-eval's, an independent implementation of the same two metrics."""
+    _, result = main_job_output
+    for folder, name in MODELS:
+        log = json.loads((CHECKPOINTS_DIR / folder / "training_log.json").read_text())
+        assert log["eval_documents"] == 300
+        assert log["recall_acc_0shot"] == pytest.approx(result["scores"][(name, 0)][("mudd_synth_recall", "acc")],
+                                                         abs=1e-9), name
+        assert log["copy_exact_match_0shot"] == pytest.approx(
+            result["scores"][(name, 0)][("mudd_synth_copy", "exact_match")], abs=1e-9), name
 
 
 def test_main_job_without_checkpoints_says_how_to_get_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mudd train-tiny"):
+    with pytest.raises(FileNotFoundError, match="depth_experiment"):
         run_main_job(output=tmp_path / "out", checkpoints=tmp_path / "nothing")
 
 
 def test_shipped_remote_code_is_the_package_code():
     # the tiny MUDD checkpoint loads through trust_remote_code where the package is absent: its copy of our modules
     # must be today's, not the one from the day it was trained
-    folder = CHECKPOINTS_DIR / MUDD_NAME
+    folder = CHECKPOINTS_DIR / SHIPPED_MUDD
     shipped = sorted(p.name for p in folder.glob("*.py"))
     assert "mudd.py" in shipped and "mudd_triton.py" in shipped
     package = Path(__file__).resolve().parent.parent / "modeling_muddpythia"

@@ -122,7 +122,7 @@ def _make_stand_ins(folder: Path) -> None:
 
     from modeling_muddpythia.finetune import lora_config
 
-    base = AutoModelForCausalLM.from_pretrained(REPO / "checkpoints" / "tiny-muddpythia")
+    base = AutoModelForCausalLM.from_pretrained(REPO / "checkpoints" / "depth8-muddpythia")
     get_peft_model(base, lora_config(base, r=4)).save_pretrained(folder / "runs" / "lora")
 
 

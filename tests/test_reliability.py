@@ -452,7 +452,7 @@ def test_eval_refuses_a_model_folder_with_missing_weights(tmp_path, capsys):
     from modeling_muddpythia.evaluation import run_table3
 
     folder = tmp_path / "tiny"
-    shutil.copytree(REPO / "checkpoints" / "tiny-muddpythia", folder)
+    shutil.copytree(REPO / "checkpoints" / "depth8-muddpythia", folder)
     assert missing_weights(folder) == []
     weights = load_file(folder / "model.safetensors")
     del weights["model.dense.layers.1.proj_in.weight"], weights["model.norm.weight"]
