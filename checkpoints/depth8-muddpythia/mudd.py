@@ -101,8 +101,12 @@ class DenseStateStack:
         device = device or first_state.device
         first_state = first_state.to(device)
         self.capacity = capacity
+        self.dtype, self.device = first_state.dtype, first_state.device
         self.functional = torch.compiler.is_compiling()
-        self.states: list[torch.Tensor] = [first_state]
+        self.num_states = 1
+        # Compiled: the states themselves. Eager: the buffer holds them, so no reference is kept (in inference a
+        # block's output can then be freed once the next block has read its streams).
+        self.states: list[torch.Tensor] = [first_state] if self.functional else []
         self.buffer: torch.Tensor | None = None
         self.carrier: torch.Tensor | None = None
         if self.functional:
@@ -121,24 +125,26 @@ class DenseStateStack:
 
     def append(self, state: torch.Tensor) -> None:
         """Record the next state `[batch, seq, hidden]`."""
-        index = len(self.states)
+        index = self.num_states
         if index >= self.capacity:
             raise RuntimeError(f"DenseStateStack holds at most {self.capacity} states")
-        if self.buffer is not None:
-            state = state.to(self.buffer.device)
-            if torch.is_grad_enabled() and (self.carrier is not None or state.requires_grad):
-                self.carrier = _AppendState.apply(self._carrier(), state, self.buffer, index)
-            else:
-                with torch.no_grad():
-                    self.buffer.select(2, index).copy_(state)
-        self.states.append(state)
+        self.num_states += 1
+        if self.functional:
+            self.states.append(state.to(self.device))
+            return
+        state = state.to(self.device)
+        if torch.is_grad_enabled() and (self.carrier is not None or state.requires_grad):
+            self.carrier = _AppendState.apply(self._carrier(), state, self.buffer, index)
+        else:
+            with torch.no_grad():
+                self.buffer.select(2, index).copy_(state)
 
     def _carrier(self) -> torch.Tensor:
         # None: no state so far needs a gradient, so a chain starts here
         return _expanded_zero(self.buffer) if self.carrier is None else self.carrier
 
     def __len__(self) -> int:
-        return len(self.states)
+        return self.num_states
 
 
 def _expanded_zero(buffer: torch.Tensor) -> torch.Tensor:
@@ -262,11 +268,11 @@ def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> tuple[tor
     num_states = len(stack)
     if weights.shape[-1] != num_states:
         raise ValueError(f"dense weights cover {weights.shape[-1]} states but {num_states} were produced")
-    weights = weights.to(stack.states[0].dtype)
+    weights = weights.to(stack.dtype)
     # Under autocast the states are mixed in their own dtype, like a residual add (float32 under bf16 autocast):
     # autocast would also give the aggregation a low-precision output whose gradient no longer matches the
     # float32 states in its backward.
-    with torch.autocast(stack.states[0].device.type, enabled=False):
+    with torch.autocast(stack.device.type, enabled=False):
         if stack.functional:
             return functional_aggregate(weights, stack.states)
         weights = weights.contiguous()
