@@ -83,14 +83,21 @@ if triton is not None:
             tl.atomic_add(grad_weights + position * stride_wp + offs_c * stride_wc + j, partial, mask=mask_c)
 
 
-def _aggregate_reference(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
-    return torch.matmul(weights, buffer[:, :, :num_states]).movedim(2, 0).contiguous()
+def aggregate_matmul(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
+    """The aggregation as one batched matmul (off CUDA, and for few positions): `weights` `[batch, seq, C, J]`,
+    `buffer` `[batch, seq, capacity, hidden]` -> streams `[C, batch, seq, hidden]` (a stream-major view)."""
+    return torch.matmul(weights, buffer[:, :, :num_states]).movedim(2, 0)
 
 
-def _aggregate_backward_reference(weights, buffer, grad_buffer, grad_streams, num_states) -> torch.Tensor:
-    grad_streams = grad_streams.movedim(0, 2)
-    grad_buffer[:, :, :num_states] += torch.matmul(weights.transpose(-1, -2), grad_streams)
-    return torch.matmul(grad_streams, buffer[:, :, :num_states].transpose(-1, -2))
+def weights_gradient_matmul(buffer: torch.Tensor, grad_streams: torch.Tensor, num_states: int) -> torch.Tensor:
+    """`grad_weights[b, t, c, j] = <grad_streams[c, b, t], buffer[b, t, j]>` -> `[batch, seq, C, J]`."""
+    return torch.matmul(grad_streams.movedim(0, 2), buffer[:, :, :num_states].transpose(-1, -2))
+
+
+def aggregate_backward_matmul(weights, buffer, grad_buffer, grad_streams, num_states) -> torch.Tensor:
+    """Adds each state's gradient into `grad_buffer[:, :, :J]`; returns the weights' gradient `[batch, seq, C, J]`."""
+    grad_buffer[:, :, :num_states] += torch.matmul(weights.transpose(-1, -2), grad_streams.movedim(0, 2))
+    return weights_gradient_matmul(buffer, grad_streams, num_states)
 
 
 def _triton_aggregate(weights: torch.Tensor, buffer: torch.Tensor, num_states: int) -> torch.Tensor:
@@ -152,7 +159,7 @@ def _define_ops() -> None:
         _check_layout(weights, buffer, num_states)
         if triton_aggregation_available(buffer):
             return _triton_aggregate(weights, buffer, num_states)
-        return _aggregate_reference(weights, buffer, num_states)
+        return aggregate_matmul(weights, buffer, num_states).contiguous()
 
     @aggregate.register_fake
     def _(weights, buffer, num_states):
@@ -172,7 +179,7 @@ def _define_ops() -> None:
             )
         if triton_aggregation_available(buffer):
             return _triton_aggregate_backward(weights, buffer, grad_buffer, grad_streams, num_states)
-        return _aggregate_backward_reference(weights, buffer, grad_buffer, grad_streams, num_states)
+        return aggregate_backward_matmul(weights, buffer, grad_buffer, grad_streams, num_states)
 
     @aggregate_backward_.register_fake
     def _(weights, buffer, grad_buffer, grad_streams, num_states):

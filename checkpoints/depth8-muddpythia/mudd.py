@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mudd_triton import triton_aggregation_available
+from .mudd_triton import (
+    aggregate_backward_matmul, aggregate_matmul, triton_aggregation_available, weights_gradient_matmul,
+)
 
 
 TRITON_MIN_POSITIONS = 256
@@ -222,8 +224,7 @@ class _AggregateStates(torch.autograd.Function):
             grad_weights = aggregate_buffer_backward(weights, buffer, accumulator, grad_streams, num_states)
         else:  # only the weights need a gradient
             accumulator = None
-            history = buffer[:, :, :num_states]
-            grad_weights = torch.matmul(grad_streams.movedim(0, 2), history.transpose(-1, -2))
+            grad_weights = weights_gradient_matmul(buffer, grad_streams, num_states)
         return (grad_weights if ctx.needs_input_grad[0] else None), accumulator, None
 
 
@@ -251,16 +252,14 @@ def aggregate_buffer(weights: torch.Tensor, buffer: torch.Tensor, num_states: in
     hidden]` -> streams, stream-major `[C, batch, seq, hidden]`."""
     if _use_triton(weights, buffer):
         return torch.ops.mudd.aggregate(weights, buffer, num_states)
-    return torch.matmul(weights, buffer[:, :, :num_states]).movedim(2, 0)
+    return aggregate_matmul(weights, buffer, num_states)
 
 
 def aggregate_buffer_backward(weights, buffer, grad_buffer, grad_streams, num_states) -> torch.Tensor:
     """Add each state's gradient into `grad_buffer[:, :, :J]` and return the weights' gradient `[b, t, C, J]`."""
     if _use_triton(weights, buffer):
         return torch.ops.mudd.aggregate_backward_(weights, buffer, grad_buffer, grad_streams, num_states)
-    grad_streams = grad_streams.movedim(0, 2)  # [batch, seq, C, hidden]
-    grad_buffer[:, :, :num_states] += torch.matmul(weights.transpose(-1, -2), grad_streams)
-    return torch.matmul(grad_streams, buffer[:, :, :num_states].transpose(-1, -2))
+    return aggregate_backward_matmul(weights, buffer, grad_buffer, grad_streams, num_states)
 
 
 def aggregate_states(weights: torch.Tensor, stack: DenseStateStack) -> tuple[torch.Tensor, ...]:
