@@ -22,7 +22,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_muddvit import MUDDViTConfig
-from .modeling_mudd_decoder import MUDDAutoMapMixin, MUDDDecoderLayer, eager_attention_forward, run_mudd_blocks
+from .modeling_mudd_decoder import (
+    MUDDAutoMapMixin, MUDDDecoderLayer, attend_and_project, eager_attention_forward, run_mudd_blocks,
+)
 from .mudd import MUDDDenseConnections, init_dense_connection_
 
 
@@ -161,18 +163,7 @@ class MUDDViTAttention(nn.Module):
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*attn_output.shape[:2], -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        return attend_and_project(self, attention_interface, query, key, value, attention_mask, **kwargs)
 
 
 class MUDDViTMLP(nn.Module):

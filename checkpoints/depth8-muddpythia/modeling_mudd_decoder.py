@@ -137,19 +137,20 @@ def eager_attention_forward(
 
 def attend_and_project(
     module: nn.Module,
+    attention_interface: Callable,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    attn_implementation: str,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of `[batch, heads, seq, head_dim]` query/key/value with `attn_implementation`, then `module.o_proj`.
+    """Attention of `[batch, heads, seq, head_dim]` query/key/value with `attention_interface` (the caller resolves
+    it from `ALL_ATTENTION_FUNCTIONS`, which is what lets transformers switch implementations at run time), then
+    `module.o_proj`.
 
     `module` gives `scaling`, `attention_dropout`, `num_key_value_groups`, `is_causal` and `o_proj`. Returns
     (`[batch, seq, hidden]`, probabilities `[batch, heads, seq, kv_seq]` or None).
     """
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
     attn_output, attn_weights = attention_interface(
         module,
         query,
@@ -213,7 +214,10 @@ class MUDDAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        return attend_and_project(self, query, key, value, attention_mask, self.config._attn_implementation, **kwargs)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attend_and_project(self, attention_interface, query, key, value, attention_mask, **kwargs)
 
 
 class MUDDDecoderLayer(GradientCheckpointingLayer):
