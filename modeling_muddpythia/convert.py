@@ -39,7 +39,7 @@ from .convert_plans import (
     maxtext_canonical_name, maxtext_plan, pax_canonical_name, pax_family, pax_plan, shape_matches,
 )
 from .safe_output import (
-    Claim, OutputError, describe_os_error, display, make_staging, publish, remove_stale, same_or_nested,
+    Claim, OutputError, describe_os_error, display, remove_stale, same_or_nested, staged,
 )
 
 
@@ -628,12 +628,8 @@ def convert(options: Options) -> Path:
                 f"{options.format} -> {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
                 f"{config.num_attention_heads} heads, vocab {config.vocab_size}, {run.dtype} ({len(prepared.plan.rules)} rules)"
             )
-            staging = make_staging(options.output)
-            try:
+            with staged(options.output) as staging:
                 _write(options, prepared, run, staging)
-                publish(staging, options.output)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
         finally:
             prepared.source.close()
     _log(f"done: {display(options.output)}")

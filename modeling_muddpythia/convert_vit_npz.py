@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import shutil
 import warnings
 import zipfile
 import zlib
@@ -46,7 +45,7 @@ import torch
 from .configuration_muddvit import MUDDViTConfig
 from .modeling_muddvit import MUDDViTForImageClassification, build_image_processor
 from .muddify import build_from_plain_state
-from .safe_output import Claim, OutputError, describe_os_error, display, make_staging, publish, remove_stale, same_or_nested
+from .safe_output import Claim, OutputError, describe_os_error, display, remove_stale, same_or_nested, staged
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -286,17 +285,13 @@ def _write_atomically(output_dir: Path, write, *, force: bool, log: Callable[[st
         if output_dir.exists() and not output_dir.is_dir():
             raise FileExistsError(f"{display(output_dir)} exists and is not a folder; refusing to replace it")
         remove_stale(output_dir, log)
-        staging = make_staging(output_dir)
-        try:
+        with staged(output_dir) as staging:
             try:
                 write(staging)
             except OSError as error:  # save_pretrained's errors may name the file being copied, not the output
                 if error.errno is None:
                     raise
                 raise type(error)(error.errno, error.strerror, os.fspath(output_dir)) from None
-            publish(staging, output_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def convert_vit_npz(

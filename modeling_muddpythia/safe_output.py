@@ -11,17 +11,19 @@ staged inside `--output` and its files are moved in by rename). Nothing here imp
 * `make_staging` creates the staging folder with `os.mkdir`, so its mode follows the umask (as `save_pretrained`'s
   folders do; `tempfile.mkdtemp` would give 0700).
 * `publish` fsyncs every file and folder of the staging folder, renames it into place (an existing output, with
-  `--force`, is replaced only at that moment) and fsyncs the parent.
+  `--force`, is replaced only at that moment) and fsyncs the parent. `staged(output)` is the two together: a block
+  writes into the staging folder, which is published when the block succeeds and removed in any case.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -192,3 +194,15 @@ def publish(staging: Path, output: Path) -> None:
             if output.exists():
                 shutil.rmtree(holder, ignore_errors=True)
     fsync_path(output.parent, directory=True)
+
+
+@contextlib.contextmanager
+def staged(output: Path) -> Iterator[Path]:
+    """A staging folder for `output` (`make_staging`): published over `output` when the block ends without an
+    error, removed whatever happens."""
+    staging = make_staging(output)
+    try:
+        yield staging
+        publish(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
