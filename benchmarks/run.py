@@ -36,7 +36,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from itertools import chain
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make the repository root importable
@@ -341,7 +340,6 @@ def benchmark_case(
         "failures": [],
     }
     inputs = {name: _model_inputs(family, model, args.batch_size, seq_len, device, dtype) for name, model in models.items()}
-    runs: dict[str, Callable[[], None]] = {}
 
     def record(metric: str, samples: dict[str, list[float]]) -> None:
         case["metrics"][metric] = summarize(samples, METRICS[metric][1])
@@ -358,51 +356,45 @@ def benchmark_case(
 
     rounds = args.warmup + args.repeats
 
-    print(f"\n== {_case_label(case)}  ({case['parameters']['plain'] / 1e6:.1f}M plain, "
-          f"{case['parameters']['mudd'] / 1e6:.1f}M MUDD parameters)", flush=True)
-    if "forward" in args.metrics:
-        runs = {name: _forward(model, inputs[name][0]) for name, model in models.items()}
-        with stage("forward", rounds) as step:
+    def timed_forward(metric: str, runners: dict, warmup: int) -> None:
+        """`metric`: the forward of each model through `runners[name]` (the model itself, or its compiled form)."""
+        runs = {name: _forward(runners[name], inputs[name][0]) for name in models}
+        with stage(metric, warmup + args.repeats) as step:
             samples = interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
-                                  args.repeats, args.warmup, progress=step)
-        record("forward", samples)
-    if "train_step" in args.metrics:
+                                  args.repeats, warmup, progress=step)
+        record(metric, samples)
+
+    def timed_train_step(metric: str, runners: dict, warmup: int) -> None:
+        """`metric`: the training step of each model through `runners[name]`, gradients from scratch each time."""
         for model in models.values():
             model.train()
-        runs = {name: _train_step(model, *inputs[name]) for name, model in models.items()}
+        runs = {name: _train_step(runners[name], *inputs[name]) for name in models}
         prepare = {name: (lambda m=model: _start_train_step(m)) for name, model in models.items()}
-        with stage("train_step", rounds) as step:
+        with stage(metric, warmup + args.repeats) as step:
             samples = interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
-                                  args.repeats, args.warmup, prepare, progress=step)
-        record("train_step", samples)
+                                  args.repeats, warmup, prepare, progress=step)
+        record(metric, samples)
         for model in models.values():
             model.zero_grad(set_to_none=True)
             model.eval()
+
+    print(f"\n== {_case_label(case)}  ({case['parameters']['plain'] / 1e6:.1f}M plain, "
+          f"{case['parameters']['mudd'] / 1e6:.1f}M MUDD parameters)", flush=True)
+    if "forward" in args.metrics:
+        timed_forward("forward", models, args.warmup)
+    if "train_step" in args.metrics:
+        timed_train_step("train_step", models, args.warmup)
     if "peak_memory" in args.metrics:
         with stage("peak_memory", 1) as step:
             record("peak_memory", peak_memory_in_own_processes(family, size, seq_len, args, progress=step))
     if "compiled_forward" in args.metrics or "compiled_train_step" in args.metrics:
         torch._dynamo.reset()
         compiled = {name: torch.compile(model, fullgraph=True) for name, model in models.items()}
-        compiled_rounds = max(args.warmup, 1) + args.repeats  # the first (warm-up) run compiles
+        warmup = max(args.warmup, 1)  # the first (warm-up) run compiles
         if "compiled_forward" in args.metrics:
-            runs = {name: _forward(compiled[name], inputs[name][0]) for name in models}
-            with stage("compiled_forward", compiled_rounds) as step:
-                samples = interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
-                                      args.repeats, max(args.warmup, 1), progress=step)
-            record("compiled_forward", samples)
+            timed_forward("compiled_forward", compiled, warmup)
         if "compiled_train_step" in args.metrics:
-            for model in models.values():
-                model.train()
-            runs = {name: _train_step(compiled[name], *inputs[name]) for name in models}
-            prepare = {name: (lambda m=model: _start_train_step(m)) for name, model in models.items()}
-            with stage("compiled_train_step", compiled_rounds) as step:
-                samples = interleaved({n: (lambda r=r: time_once(r, device)) for n, r in runs.items()},
-                                      args.repeats, max(args.warmup, 1), prepare, progress=step)
-            record("compiled_train_step", samples)
-            for model in models.values():
-                model.zero_grad(set_to_none=True)
-                model.eval()
+            timed_train_step("compiled_train_step", compiled, warmup)
         del compiled
         torch._dynamo.reset()
     if family.kind == "causal-lm" and ("decode" in args.metrics or args.compile_decode):
@@ -429,7 +421,8 @@ def benchmark_case(
                     print(f"  compiled_decode  FAILED for {name}: {error}", flush=True)
             if len(samples) == 2:
                 record("compiled_decode", samples)
-    del plain, mudd, models, runs
+    del plain, mudd
+    models.clear()  # the last references, before the memory is released
     _release(device)
     return case
 
