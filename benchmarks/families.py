@@ -103,8 +103,11 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def randomize_dense_connections_(model: nn.Module, seed: int = 0) -> None:
-    """Give every dense connection the kind of non-identity weights a trained model has.
+def randomize_dense_connections_(
+    model: nn.Module, seed: int = 0, static_std: float = 0.1, generator_std: float = 0.02
+) -> None:
+    """Give every dense connection the kind of non-identity weights a trained model has: `static_std` of noise added
+    to the static weights, the generator's output layer drawn with `generator_std`.
 
     Identity weights (`W2 = 0`) compute the same amount, but a trained model's streams really differ, so this keeps
     the benchmark honest about numerics (and about any shortcut that would skip zero weights).
@@ -118,9 +121,9 @@ def randomize_dense_connections_(model: nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, DepthAggregator):
-                module.static_weights.add_(noise(module.static_weights, 0.1))
+                module.static_weights.add_(noise(module.static_weights, static_std))
                 if module.proj_out is not None:
-                    module.proj_out.weight.copy_(noise(module.proj_out.weight, 0.02))
+                    module.proj_out.weight.copy_(noise(module.proj_out.weight, generator_std))
 
 
 def build_pair(

@@ -13,6 +13,8 @@ import torch
 from transformers import CompileConfig, Trainer, TrainingArguments
 from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
+from benchmarks.families import randomize_dense_connections_
+
 from modeling_muddpythia import (
     MUDDFormerConfig,
     MUDDFormerForCausalLM,
@@ -21,7 +23,6 @@ from modeling_muddpythia import (
     MUDDViTConfig,
     MUDDViTForImageClassification,
 )
-from modeling_muddpythia.mudd import DepthAggregator
 
 
 VOCAB = 61
@@ -29,15 +30,6 @@ DECODER_SIZES = dict(
     vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
     max_position_embeddings=64, pad_token_id=0,
 )
-
-
-def _move_dense_connections_off_identity(model, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, DepthAggregator):
-                module.proj_out.weight.copy_(0.1 * torch.randn(module.proj_out.weight.shape, generator=generator))
-                module.static_weights.add_(0.3 * torch.randn(module.static_weights.shape, generator=generator))
 
 
 def build(family: str, seed: int = 0, **overrides):
@@ -54,7 +46,7 @@ def build(family: str, seed: int = 0, **overrides):
             intermediate_size=64, num_labels=3, attn_implementation="sdpa", **overrides,
         )
         model = MUDDViTForImageClassification(config)
-    _move_dense_connections_off_identity(model, seed + 1)
+    randomize_dense_connections_(model, seed + 1, static_std=0.3, generator_std=0.1)
     return model
 
 
