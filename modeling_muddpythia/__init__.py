@@ -15,9 +15,15 @@ _EXPORTS = {
     "MUDDPythiaConfig": "configuration_muddpythia",
     "MUDDPythiaModel": "modeling_muddpythia",
     "MUDDPythiaForCausalLM": "modeling_muddpythia",
+    "MUDDPythiaForSequenceClassification": "modeling_muddpythia",
+    "MUDDPythiaForTokenClassification": "modeling_muddpythia",
+    "MUDDPythiaForQuestionAnswering": "modeling_muddpythia",
     "MUDDFormerConfig": "configuration_muddformer",
     "MUDDFormerModel": "modeling_muddformer",
     "MUDDFormerForCausalLM": "modeling_muddformer",
+    "MUDDFormerForSequenceClassification": "modeling_muddformer",
+    "MUDDFormerForTokenClassification": "modeling_muddformer",
+    "MUDDFormerForQuestionAnswering": "modeling_muddformer",
     "MUDDViTConfig": "configuration_muddvit",
     "MUDDViTModel": "modeling_muddvit",
     "MUDDViTForImageClassification": "modeling_muddvit",
@@ -32,7 +38,15 @@ def load_package() -> None:
     global _loaded
     if _loaded:
         return
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     values = {name: getattr(importlib.import_module(f".{module}", __name__), name) for name, module in _EXPORTS.items()}
     globals().update(values)  # also replaces the attribute `muddify` (the submodule) by the function
@@ -41,6 +55,9 @@ def load_package() -> None:
         AutoConfig.register(config.model_type, config, exist_ok=True)
         AutoModel.register(config, values[f"{family}Model"], exist_ok=True)
         AutoModelForCausalLM.register(config, values[f"{family}ForCausalLM"], exist_ok=True)
+        AutoModelForSequenceClassification.register(config, values[f"{family}ForSequenceClassification"], exist_ok=True)
+        AutoModelForTokenClassification.register(config, values[f"{family}ForTokenClassification"], exist_ok=True)
+        AutoModelForQuestionAnswering.register(config, values[f"{family}ForQuestionAnswering"], exist_ok=True)
     config = values["MUDDViTConfig"]
     AutoConfig.register(config.model_type, config, exist_ok=True)
     AutoModel.register(config, values["MUDDViTModel"], exist_ok=True)

@@ -636,8 +636,9 @@ def gpt_neox_canonical_name(name: str) -> str:
     return "embed_out.weight" if name == "lm_head.weight" else name
 
 
-def gpt_neox_plan(config) -> KeyPlan:
-    """GPTNeoXForCausalLM state dict -> MUDDPythia; the single input norm is copied to every stream norm."""
+def gpt_neox_plan(config, lm_head: bool = True) -> KeyPlan:
+    """GPTNeoXForCausalLM state dict -> MUDDPythia; the single input norm is copied to every stream norm.
+    `lm_head=False`: the backbone only (a task model's head is mapped by `muddify`)."""
     D, V = config.hidden_size, config.vocab_size
     plan = KeyPlan(initialized=("model.dense",))
     plan.ignore(r"\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$", "runtime buffer of older GPT-NeoX checkpoints")
@@ -660,7 +661,8 @@ def gpt_neox_plan(config) -> KeyPlan:
             plan.add(f"{dst}self_attn.o_proj.{kind}", f"{src}attention.dense.{kind}", shape(D, D), f"the attention output of {block}")
     for kind in ("weight", "bias"):
         plan.add(f"model.norm.{kind}", f"gpt_neox.final_layer_norm.{kind}", (D,), "the final norm")
-    _add_head(plan, config, "embed_out.weight")
+    if lm_head:
+        _add_head(plan, config, "embed_out.weight")
     return plan
 
 
@@ -673,8 +675,9 @@ def llama_config(source_config) -> MUDDFormerConfig:
     )
 
 
-def llama_plan(config) -> KeyPlan:
-    """LlamaForCausalLM state dict -> MUDDFormer; the single input norm is copied to every stream norm."""
+def llama_plan(config, lm_head: bool = True) -> KeyPlan:
+    """LlamaForCausalLM state dict -> MUDDFormer; the single input norm is copied to every stream norm.
+    `lm_head=False`: the backbone only (a task model's head is mapped by `muddify`)."""
     plan = KeyPlan(initialized=("model.dense",))
     D, V, F = config.hidden_size, config.vocab_size, config.intermediate_size
     _, q_width, kv_width = _widths(config)
@@ -696,5 +699,6 @@ def llama_plan(config) -> KeyPlan:
             if config.mlp_bias:
                 plan.add(name + "bias", name + "bias", shape[:1], f"the FFN {short} projection bias of {block}")
     plan.add("model.norm.weight", "model.norm.weight", (D,), "the final norm")
-    _add_head(plan, config, "lm_head.weight")
+    if lm_head:
+        _add_head(plan, config, "lm_head.weight")
     return plan

@@ -3,7 +3,8 @@
 What the two families share lives here: attention over separate q/k/v streams (qk-norm, partial rotary, GQA,
 KV cache), the block with its per-stream norms and parallel or sequential residual, the model loop that runs the
 dense connections between blocks, and the causal-LM head. What differs (norm type, FFN, biases, residual order)
-comes from the family's config and from the `norm_class` / `mlp_class` a family model sets.
+comes from the family's config and from the `norm_class` / `mlp_class` a family model sets. The task heads
+(sequence and token classification, extractive question answering) are transformers' generic heads, as Llama's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -576,3 +582,65 @@ class MUDDDecoderForCausalLM(MUDDDecoderPreTrainedModel, GenerationMixin):
             dense_weights=outputs.dense_weights,
         )
         return output if return_dict else output.to_tuple()
+
+
+# The task heads take their forward (pooling, problem types, losses) from transformers' generic heads, as Llama's
+# do. Their constructors are ours: the generic ones build the backbone with `AutoModel.from_config`, which does not
+# resolve a config class loaded as remote code; `base_model_class` names the family's backbone instead.
+
+
+class MUDDDecoderForSequenceClassification(GenericForSequenceClassification, MUDDDecoderPreTrainedModel):
+    """A MUDD decoder with a linear head (`score`, no bias) read at the last non-padding token of each row.
+
+    The last non-padding token is the rightmost id that is not `config.pad_token_id` (left or right padding); with
+    no `pad_token_id` only batches of one are accepted, and with `inputs_embeds` the last position is read.
+    `config.problem_type` (inferred from `num_labels` and the labels' dtype when unset) picks regression (MSE),
+    single-label (cross-entropy) or multi-label (BCE) loss. Returns `SequenceClassifierOutputWithPast` with
+    `logits` `[batch, num_labels]`. Family subclasses set `base_model_class`.
+    """
+
+    base_model_class: type[MUDDDecoderModel] = MUDDDecoderModel
+
+    def __init__(self, config):
+        super(GenericForSequenceClassification, self).__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.base_model_class(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+class MUDDDecoderForTokenClassification(GenericForTokenClassification, MUDDDecoderPreTrainedModel):
+    """A MUDD decoder with a per-token linear head (`score`, with bias) after dropout.
+
+    The dropout is `config.classifier_dropout` when the config has one, else `config.hidden_dropout`. Labels
+    `[batch, seq]` (-100 = ignored) give the cross-entropy loss. Returns `TokenClassifierOutput` with `logits`
+    `[batch, seq, num_labels]`. Family subclasses set `base_model_class`.
+    """
+
+    base_model_class: type[MUDDDecoderModel] = MUDDDecoderModel
+
+    def __init__(self, config):
+        super(GenericForTokenClassification, self).__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.base_model_class(config)
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.hidden_dropout if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class MUDDDecoderForQuestionAnswering(GenericForQuestionAnswering, MUDDDecoderPreTrainedModel):
+    """A MUDD decoder with a span head (`qa_outputs`, 2 outputs with bias) for extractive question answering.
+
+    `start_positions` / `end_positions` `[batch]` give the mean of the start and end cross-entropies (positions
+    outside the sequence are clamped and ignored). Returns `QuestionAnsweringModelOutput` with `start_logits` and
+    `end_logits` `[batch, seq]`. Family subclasses set `base_model_class`.
+    """
+
+    base_model_class: type[MUDDDecoderModel] = MUDDDecoderModel
+
+    def __init__(self, config):
+        super(GenericForQuestionAnswering, self).__init__(config)
+        self.model = self.base_model_class(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()

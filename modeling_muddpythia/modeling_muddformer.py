@@ -12,7 +12,13 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_muddformer import MUDDFormerConfig
-from .modeling_mudd_decoder import MUDDDecoderForCausalLM, MUDDDecoderModel
+from .modeling_mudd_decoder import (
+    MUDDDecoderForCausalLM,
+    MUDDDecoderForQuestionAnswering,
+    MUDDDecoderForSequenceClassification,
+    MUDDDecoderForTokenClassification,
+    MUDDDecoderModel,
+)
 from .mudd import MUDDRMSNorm
 
 
@@ -44,6 +50,9 @@ class MUDDFormerModel(MUDDDecoderModel):
         "AutoConfig": "MUDDFormerConfig",
         "AutoModel": "MUDDFormerModel",
         "AutoModelForCausalLM": "MUDDFormerForCausalLM",
+        "AutoModelForSequenceClassification": "MUDDFormerForSequenceClassification",
+        "AutoModelForTokenClassification": "MUDDFormerForTokenClassification",
+        "AutoModelForQuestionAnswering": "MUDDFormerForQuestionAnswering",
     }
 
 
@@ -56,8 +65,41 @@ class MUDDFormerForCausalLM(MUDDDecoderForCausalLM):
     _auto_map_entries = MUDDFormerModel._auto_map_entries
 
 
+class MUDDFormerForSequenceClassification(MUDDDecoderForSequenceClassification):
+    """MUDDFormer with a sequence-classification head on the last non-padding token (e.g. a reward model)."""
+
+    config_class = MUDDFormerConfig
+    base_model_class = MUDDFormerModel
+    _no_split_modules = MUDDFormerModel._no_split_modules
+    _auto_map_entries = MUDDFormerModel._auto_map_entries
+
+
+class MUDDFormerForTokenClassification(MUDDDecoderForTokenClassification):
+    """MUDDFormer with a token-classification head."""
+
+    config_class = MUDDFormerConfig
+    base_model_class = MUDDFormerModel
+    _no_split_modules = MUDDFormerModel._no_split_modules
+    _auto_map_entries = MUDDFormerModel._auto_map_entries
+
+
+class MUDDFormerForQuestionAnswering(MUDDDecoderForQuestionAnswering):
+    """MUDDFormer with an extractive question-answering (span start/end) head."""
+
+    config_class = MUDDFormerConfig
+    base_model_class = MUDDFormerModel
+    _no_split_modules = MUDDFormerModel._no_split_modules
+    _auto_map_entries = MUDDFormerModel._auto_map_entries
+
+
 MUDDFormerConfig.register_for_auto_class()
 MUDDFormerModel.register_for_auto_class("AutoModel")
 MUDDFormerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MUDDFormerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+MUDDFormerForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+MUDDFormerForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 
-__all__ = ["MUDDFormerMLP", "MUDDFormerModel", "MUDDFormerForCausalLM"]
+__all__ = [
+    "MUDDFormerMLP", "MUDDFormerModel", "MUDDFormerForCausalLM",
+    "MUDDFormerForSequenceClassification", "MUDDFormerForTokenClassification", "MUDDFormerForQuestionAnswering",
+]

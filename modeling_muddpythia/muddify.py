@@ -15,8 +15,18 @@ from torch import nn
 from .configuration_muddvit import MUDDViTConfig
 from .convert_plans import apply_plan, gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan, llama_config, llama_plan
 from .mudd import MUDDDenseConnections
-from .modeling_muddformer import MUDDFormerForCausalLM
-from .modeling_muddpythia import MUDDPythiaForCausalLM
+from .modeling_muddformer import (
+    MUDDFormerForCausalLM,
+    MUDDFormerForQuestionAnswering,
+    MUDDFormerForSequenceClassification,
+    MUDDFormerForTokenClassification,
+)
+from .modeling_muddpythia import (
+    MUDDPythiaForCausalLM,
+    MUDDPythiaForQuestionAnswering,
+    MUDDPythiaForSequenceClassification,
+    MUDDPythiaForTokenClassification,
+)
 from .modeling_muddvit import MUDDViTForImageClassification
 
 
@@ -69,17 +79,76 @@ def _build_like(model_class: type[nn.Module], config, source: nn.Module, state: 
     return model
 
 
-def _muddify_gpt_neox(model: nn.Module) -> MUDDPythiaForCausalLM:
+# The MUDD class for each head a plain decoder family comes with, by the source class name after the family name.
+_PYTHIA_CLASSES = {
+    "ForCausalLM": MUDDPythiaForCausalLM,
+    "ForSequenceClassification": MUDDPythiaForSequenceClassification,
+    "ForTokenClassification": MUDDPythiaForTokenClassification,
+    "ForQuestionAnswering": MUDDPythiaForQuestionAnswering,
+}
+_FORMER_CLASSES = {
+    "ForCausalLM": MUDDFormerForCausalLM,
+    "ForSequenceClassification": MUDDFormerForSequenceClassification,
+    "ForTokenClassification": MUDDFormerForTokenClassification,
+    "ForQuestionAnswering": MUDDFormerForQuestionAnswering,
+}
+# Task-head parameters named differently: GPT-NeoX's token classifier is `classifier`, ours (as Llama's) `score`.
+_HEAD_RENAMES = {"classifier.": "score."}
+
+
+def _our_head_name(name: str) -> str:
+    for source, ours in _HEAD_RENAMES.items():
+        if name.startswith(source):
+            return ours + name[len(source):]
+    return name
+
+
+def _muddify_decoder(
+    model: nn.Module,
+    config,
+    classes: dict[str, type[nn.Module]],
+    plan_for: Callable,
+    backbone_prefix: str,
+    canonical_name: Callable[[str], str] = lambda name: name,
+) -> nn.Module:
+    """A plain GPT-NeoX or Llama model, causal LM or task model, as the MUDD model of the same task.
+
+    The backbone (and a causal LM's head) go through the checkpoint converter's key plan, with the source's backbone
+    prefix (`gpt_neox`, `model`, or `transformer` in Llama's QA model) read as `backbone_prefix`; a task head is
+    copied under our name, with the config's labels, problem type and (token classification) head dropout.
+    """
+    name = type(model).__name__
+    model_class = classes[name[name.index("For"):]]
+    causal_lm = name.endswith("ForCausalLM")
+    own_prefix = f"{model.base_model_prefix}."
+    backbone, head = {}, {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith(own_prefix):
+            backbone[backbone_prefix + key[len(own_prefix):]] = tensor
+        elif causal_lm:
+            backbone[canonical_name(key)] = tensor
+        else:
+            head[_our_head_name(key)] = tensor
+    state = {**apply_plan(plan_for(config, lm_head=causal_lm), backbone), **head}
+    if not causal_lm:
+        source_config = model.config
+        config.id2label, config.label2id = dict(source_config.id2label), dict(source_config.label2id)
+        config.problem_type = source_config.problem_type
+        if name.endswith("ForTokenClassification"):
+            config.classifier_dropout = model.dropout.p
+    return _build_like(model_class, config, model, state)
+
+
+def _muddify_gpt_neox(model: nn.Module) -> nn.Module:
     # The checkpoint converter's key plan (`mudd-convert --format gpt-neox`), applied in memory.
-    config = gpt_neox_config(model.config)
-    state = apply_plan(gpt_neox_plan(config), {gpt_neox_canonical_name(k): v for k, v in model.state_dict().items()})
-    return _build_like(MUDDPythiaForCausalLM, config, model, state)
+    return _muddify_decoder(
+        model, gpt_neox_config(model.config), _PYTHIA_CLASSES, gpt_neox_plan, "gpt_neox.", gpt_neox_canonical_name
+    )
 
 
-def _muddify_llama(model: nn.Module) -> MUDDFormerForCausalLM:
+def _muddify_llama(model: nn.Module) -> nn.Module:
     # The checkpoint converter's key plan (`mudd-convert --format llama`), applied in memory.
-    config = llama_config(model.config)
-    return _build_like(MUDDFormerForCausalLM, config, model, apply_plan(llama_plan(config), model.state_dict()))
+    return _muddify_decoder(model, llama_config(model.config), _FORMER_CLASSES, llama_plan, "model.")
 
 
 # ViTConfig fields that mean the same in MUDDViTConfig (which keeps ViT's names).
@@ -123,8 +192,8 @@ def _muddify_vit(model: nn.Module) -> MUDDViTForImageClassification:
 
 # Source class name -> converter. Other families register here.
 MUDDIFIERS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "GPTNeoXForCausalLM": _muddify_gpt_neox,
-    "LlamaForCausalLM": _muddify_llama,
+    **{f"GPTNeoX{task}": _muddify_gpt_neox for task in _PYTHIA_CLASSES},
+    **{f"Llama{task}": _muddify_llama for task in _FORMER_CLASSES},
     "ViTForImageClassification": _muddify_vit,
 }
 
@@ -134,9 +203,10 @@ def muddify(model: nn.Module) -> nn.Module:
 
     Supported sources (identity dense connections; the plain model's function is kept):
     transformers' `GPTNeoXForCausalLM` -> `MUDDPythiaForCausalLM` (qk-norm and FFN re-allocation off, fused qkv
-    split), `LlamaForCausalLM` -> `MUDDFormerForCausalLM` (grouped-query attention and biases kept) and
-    `ViTForImageClassification` -> `MUDDViTForImageClassification` (labels, image size and attention
-    implementation kept).
+    split), `LlamaForCausalLM` -> `MUDDFormerForCausalLM` (grouped-query attention and biases kept), the task
+    models of both families (`...ForSequenceClassification`, `...ForTokenClassification`,
+    `...ForQuestionAnswering`; head, labels and problem type kept) and `ViTForImageClassification` ->
+    `MUDDViTForImageClassification` (labels, image size and attention implementation kept).
     """
     converter = MUDDIFIERS.get(type(model).__name__)
     if converter is None:

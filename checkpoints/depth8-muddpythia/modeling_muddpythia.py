@@ -11,7 +11,14 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_muddpythia import MUDDPythiaConfig
-from .modeling_mudd_decoder import MUDDDecoderForCausalLM, MUDDDecoderLayer, MUDDDecoderModel
+from .modeling_mudd_decoder import (
+    MUDDDecoderForCausalLM,
+    MUDDDecoderForQuestionAnswering,
+    MUDDDecoderForSequenceClassification,
+    MUDDDecoderForTokenClassification,
+    MUDDDecoderLayer,
+    MUDDDecoderModel,
+)
 
 
 class MUDDPythiaMLP(nn.Module):
@@ -38,6 +45,9 @@ class MUDDPythiaModel(MUDDDecoderModel):
         "AutoConfig": "MUDDPythiaConfig",
         "AutoModel": "MUDDPythiaModel",
         "AutoModelForCausalLM": "MUDDPythiaForCausalLM",
+        "AutoModelForSequenceClassification": "MUDDPythiaForSequenceClassification",
+        "AutoModelForTokenClassification": "MUDDPythiaForTokenClassification",
+        "AutoModelForQuestionAnswering": "MUDDPythiaForQuestionAnswering",
     }
 
 
@@ -52,8 +62,41 @@ class MUDDPythiaForCausalLM(MUDDDecoderForCausalLM):
     _auto_map_entries = MUDDPythiaModel._auto_map_entries
 
 
+class MUDDPythiaForSequenceClassification(MUDDDecoderForSequenceClassification):
+    """MUDDPythia with a sequence-classification head on the last non-padding token (e.g. a reward model)."""
+
+    config_class = MUDDPythiaConfig
+    base_model_class = MUDDPythiaModel
+    _no_split_modules = MUDDPythiaModel._no_split_modules
+    _auto_map_entries = MUDDPythiaModel._auto_map_entries
+
+
+class MUDDPythiaForTokenClassification(MUDDDecoderForTokenClassification):
+    """MUDDPythia with a token-classification head."""
+
+    config_class = MUDDPythiaConfig
+    base_model_class = MUDDPythiaModel
+    _no_split_modules = MUDDPythiaModel._no_split_modules
+    _auto_map_entries = MUDDPythiaModel._auto_map_entries
+
+
+class MUDDPythiaForQuestionAnswering(MUDDDecoderForQuestionAnswering):
+    """MUDDPythia with an extractive question-answering (span start/end) head."""
+
+    config_class = MUDDPythiaConfig
+    base_model_class = MUDDPythiaModel
+    _no_split_modules = MUDDPythiaModel._no_split_modules
+    _auto_map_entries = MUDDPythiaModel._auto_map_entries
+
+
 MUDDPythiaConfig.register_for_auto_class()
 MUDDPythiaModel.register_for_auto_class("AutoModel")
 MUDDPythiaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MUDDPythiaForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+MUDDPythiaForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+MUDDPythiaForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 
-__all__ = ["MUDDPythiaMLP", "MUDDPythiaModel", "MUDDPythiaForCausalLM", "MUDDDecoderLayer"]
+__all__ = [
+    "MUDDPythiaMLP", "MUDDPythiaModel", "MUDDPythiaForCausalLM", "MUDDDecoderLayer",
+    "MUDDPythiaForSequenceClassification", "MUDDPythiaForTokenClassification", "MUDDPythiaForQuestionAnswering",
+]
