@@ -25,7 +25,10 @@ ConfigTester = configuration_common.ConfigTester
 ids_tensor, random_attention_mask = modeling_common.ids_tensor, modeling_common.random_attention_mask
 
 from modeling_muddpythia import (  # noqa: E402
-    MUDDFormerConfig, MUDDFormerForCausalLM, MUDDFormerModel, MUDDPythiaConfig, MUDDPythiaForCausalLM, MUDDPythiaModel,
+    MUDDFormerConfig, MUDDFormerForCausalLM, MUDDFormerForQuestionAnswering, MUDDFormerForSequenceClassification,
+    MUDDFormerForTokenClassification, MUDDFormerModel, MUDDPythiaConfig, MUDDPythiaForCausalLM,
+    MUDDPythiaForQuestionAnswering, MUDDPythiaForSequenceClassification, MUDDPythiaForTokenClassification,
+    MUDDPythiaModel,
 )
 
 
@@ -100,7 +103,10 @@ class MUDDDecoderCommonTests(MappingNamesForTheClass, ModelTesterMixin, Generati
 class MUDDPythiaCommonTest(MUDDDecoderCommonTests, unittest.TestCase):
     model_tester_class = MUDDPythiaModelTester
     config_class = MUDDPythiaConfig
-    all_model_classes = (MUDDPythiaModel, MUDDPythiaForCausalLM)
+    all_model_classes = (
+        MUDDPythiaModel, MUDDPythiaForCausalLM, MUDDPythiaForSequenceClassification, MUDDPythiaForTokenClassification,
+        MUDDPythiaForQuestionAnswering,
+    )
 
     def plain_model(self, seed: int):
         torch.manual_seed(seed)
@@ -116,7 +122,10 @@ class MUDDPythiaCommonTest(MUDDDecoderCommonTests, unittest.TestCase):
 class MUDDFormerCommonTest(MUDDDecoderCommonTests, unittest.TestCase):
     model_tester_class = MUDDFormerModelTester
     config_class = MUDDFormerConfig
-    all_model_classes = (MUDDFormerModel, MUDDFormerForCausalLM)
+    all_model_classes = (
+        MUDDFormerModel, MUDDFormerForCausalLM, MUDDFormerForSequenceClassification, MUDDFormerForTokenClassification,
+        MUDDFormerForQuestionAnswering,
+    )
 
     def plain_model(self, seed: int):
         torch.manual_seed(seed)

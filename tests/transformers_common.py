@@ -11,7 +11,7 @@ the package `transformers_common_tests` and provides, in our own words, the thre
   takes, which `ConfigTester.check_config_arguments_init` sets and reads back.
 
 `MappingNamesForTheClass` adds the MUDD classes to transformers' `*_MAPPING_NAMES` tables while a tester runs: the
-mixins decide by class name there which inputs a head needs (`labels` for causal-LM and image-classification heads),
+mixins decide by class name there which inputs a head needs (`labels` for causal-LM, classification and question-answering heads),
 and `AutoModel.register` does not fill them.
 """
 
@@ -53,8 +53,10 @@ class ExportBehaviours:
                 eager = model(**inputs_for_class)
                 program = torch.export.export(model, args=(), kwargs=inputs_for_class, strict=False)
                 exported = program.module()(**inputs_for_class)
-            key = "logits" if "logits" in eager else "last_hidden_state"
-            torch.testing.assert_close(exported[key], eager[key], rtol=1e-5, atol=1e-5)
+            compared = [key for key, value in eager.items() if isinstance(value, torch.Tensor)]  # logits, spans...
+            assert compared, model_class.__name__
+            for key in compared:
+                torch.testing.assert_close(exported[key], eager[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
 # Our own values, one per argument of `PreTrainedConfig` in transformers 5.23, none of them the default.
@@ -87,6 +89,16 @@ MAPPING_NAMES = {
     "MODEL_MAPPING_NAMES": {"muddpythia": "MUDDPythiaModel", "muddformer": "MUDDFormerModel", "muddvit": "MUDDViTModel"},
     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": {"muddpythia": "MUDDPythiaForCausalLM", "muddformer": "MUDDFormerForCausalLM"},
     "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES": {"muddvit": "MUDDViTForImageClassification"},
+    **{
+        f"MODEL_FOR_{task.upper()}_MAPPING_NAMES": {
+            "muddpythia": f"MUDDPythiaFor{name}", "muddformer": f"MUDDFormerFor{name}"
+        }
+        for task, name in (
+            ("sequence_classification", "SequenceClassification"),
+            ("token_classification", "TokenClassification"),
+            ("question_answering", "QuestionAnswering"),
+        )
+    },
 }
 
 
