@@ -19,6 +19,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 from transformers.cache_utils import StaticCache
 
 
+# The task heads every MUDD decoder family has (`<Family>For<task>`, loaded by `AutoModelFor<task>`).
+TASK_HEADS = ("SequenceClassification", "TokenClassification", "QuestionAnswering")
+
+
 def assert_cache_matches_full_forward(model, vocab: int, prefix: int = 5, length: int = 12) -> None:
     """Prefill `prefix` tokens into a `DynamicCache`, decode the rest one at a time: same logits as one pass."""
     ids = torch.randint(1, vocab, (2, length), generator=torch.Generator().manual_seed(0))
@@ -110,10 +114,12 @@ def assert_save_load_roundtrip(model, path: Path, vocab: int, code_files: tuple[
     saved = json.loads((path / "config.json").read_text())
     assert saved["model_type"] == model.config.model_type
     module = type(model).__module__.split(".")[-1]
+    family = type(model).__name__.removesuffix("ForCausalLM")
     assert saved["auto_map"] == {
         "AutoConfig": f"{type(model.config).__module__.split('.')[-1]}.{type(model.config).__name__}",
         "AutoModel": f"{module}.{model.base_model_class.__name__}",
         "AutoModelForCausalLM": f"{module}.{type(model).__name__}",
+        **{f"AutoModelFor{task}": f"{module}.{family}For{task}" for task in TASK_HEADS},
     }
     for name in code_files:
         assert (path / name).exists(), name

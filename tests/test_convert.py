@@ -98,6 +98,7 @@ def test_authors_pytorch_muddpythia_matches_reference(tmp_path, capsys):
     assert len(shards) > 1 and all((out / shard).is_file() for shard in shards)
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_muddpythia.MUDDPythiaForCausalLM"
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_muddpythia.MUDDPythiaForSequenceClassification"
     assert config["ffn_width_reallocation"] and config["intermediate_size"] == 256 and config["dtype"] == "float32"
     assert {"modeling_muddpythia.py", "mudd.py", "generation_config.json", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
     assert "convert" not in " ".join(p.name for p in out.iterdir())  # the converter is no part of the remote code

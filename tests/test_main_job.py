@@ -39,6 +39,8 @@ def test_shipped_checkpoints_are_small_safetensors_with_tokenizer():
     assert total <= 20 * 2**20
     config = json.loads((CHECKPOINTS_DIR / SHIPPED_MUDD / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_muddpythia.MUDDPythiaForCausalLM"
+    for task in ("SequenceClassification", "TokenClassification", "QuestionAnswering"):
+        assert config["auto_map"][f"AutoModelFor{task}"] == f"modeling_muddpythia.MUDDPythiaFor{task}"
     plain, mudd = (json.loads((CHECKPOINTS_DIR / f / "training_log.json").read_text()) for f, _ in MODELS)
     assert (plain["arch"], mudd["arch"]) == ("plain", "mudd")
     # same data stream, same starting function, same training compute

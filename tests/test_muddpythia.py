@@ -398,6 +398,9 @@ def test_save_load_roundtrip(tmp_path):
         "AutoConfig": "configuration_muddpythia.MUDDPythiaConfig",
         "AutoModel": "modeling_muddpythia.MUDDPythiaModel",
         "AutoModelForCausalLM": "modeling_muddpythia.MUDDPythiaForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_muddpythia.MUDDPythiaForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_muddpythia.MUDDPythiaForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_muddpythia.MUDDPythiaForQuestionAnswering",
     }
     for module in ("modeling_muddpythia.py", "configuration_muddpythia.py", "mudd.py", "modeling_mudd_decoder.py"):
         assert (tmp_path / module).exists(), module
