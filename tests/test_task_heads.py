@@ -306,3 +306,28 @@ def test_trl_reward_trainer_trains_a_mudd_reward_model(tmp_path):
     after = pairwise_loss()
     assert after < 0.5 * before, (before, after)
     assert (rewards(data["chosen"]) > rewards(data["rejected"])).all()
+
+
+def test_compiled_classifier_training_step_equals_eager():
+    """A sequence classifier (non-identity dense connections, padded batch) compiles as one graph with its backward
+    (`fullgraph=True`; the `aot_eager` backend, as inductor's code generation is what tests/test_compile.py covers
+    for the backbone): the same loss and gradients as eager."""
+    torch._dynamo.reset()
+    model = AutoModelForSequenceClassification.from_config(
+        tiny_mudd_config(num_hidden_layers=2), attn_implementation="sdpa"
+    ).train()
+    randomize_(model, seed=5, scale=0.1)
+    batch = {**padded_batch("right"), "labels": torch.tensor([0, 2, 1])}
+
+    def step(run):
+        model.zero_grad(set_to_none=True)
+        loss = run(**batch).loss
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    eager_loss, eager_grads = step(model)
+    compiled_loss, compiled_grads = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch._dynamo.reset()
+    assert abs(compiled_loss - eager_loss) <= 1e-5
+    for name, grad in eager_grads.items():
+        assert (compiled_grads[name] - grad).abs().max().item() <= 1e-5, name
