@@ -638,13 +638,15 @@ def missing_weights(folder: str | os.PathLike) -> list[str] | None:
     else:
         return None
     import modeling_muddpythia  # noqa: F401  (registers our classes)
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     auto = AutoModelForImageClassification if config.model_type == "muddvit" else AutoModelForCausalLM
     architectures = config_data.get("architectures") or []
-    if architectures and not architectures[0].endswith(("ForCausalLM", "ForImageClassification")):
-        auto = AutoModel
+    if architectures:  # the saved class: a head (causal LM, classifier, QA) has its Auto class, the bare model not
+        head = re.search(r"For[A-Z]\w*$", architectures[0])  # `ForCausalLM`, ...; not the "For" of "MUDDFormer"
+        auto = getattr(transformers, f"AutoModel{head.group()}", AutoModel) if head else AutoModel
     with torch.device("meta"):
         model = auto.from_config(config)
     expected = set(model.state_dict())

@@ -331,3 +331,18 @@ def test_compiled_classifier_training_step_equals_eager():
     assert abs(compiled_loss - eager_loss) <= 1e-5
     for name, grad in eager_grads.items():
         assert (compiled_grads[name] - grad).abs().max().item() <= 1e-5, name
+
+
+def test_missing_weights_of_a_task_model_folder(tmp_path):
+    """The completeness check (`mudd-eval`, `mudd-finetune`) reads a saved task model with its head's parameters."""
+    from safetensors.torch import load_file, save_file
+
+    from modeling_muddpythia.convert_io import missing_weights
+
+    model = AutoModelForQuestionAnswering.from_config(tiny_mudd_config())
+    model.save_pretrained(tmp_path)
+    assert missing_weights(tmp_path) == []
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["qa_outputs.bias"], weights["model.norm.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert missing_weights(tmp_path) == ["model.norm.weight", "qa_outputs.bias"]
