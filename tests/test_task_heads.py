@@ -256,7 +256,8 @@ def test_trainer_fine_tunes_a_sequence_classifier(tmp_path):
         if label:
             ids[torch.randint(0, length, (1,), generator=generator)] = 7
         padded = torch.cat([ids, torch.full((8 - length,), PAD)])
-        rows.append({"input_ids": padded.tolist(), "attention_mask": [1] * length + [0] * (8 - length), "labels": label})
+        mask = [1] * length + [0] * (8 - length)
+        rows.append({"input_ids": padded.tolist(), "attention_mask": mask, "labels": label})
     data = Dataset.from_list(rows)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(tiny_mudd_config(num_labels=2, num_hidden_layers=2))
