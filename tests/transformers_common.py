@@ -11,8 +11,8 @@ the package `transformers_common_tests` and provides, in our own words, the thre
   takes, which `ConfigTester.check_config_arguments_init` sets and reads back.
 
 `MappingNamesForTheClass` adds the MUDD classes to transformers' `*_MAPPING_NAMES` tables while a tester runs: the
-mixins decide by class name there which inputs a head needs (`labels` for causal-LM, classification and question-answering heads),
-and `AutoModel.register` does not fill them.
+mixins decide by class name there which inputs a head needs (`labels` for causal-LM and classification heads, span
+positions for question answering), and `AutoModel.register` does not fill them.
 """
 
 from __future__ import annotations
