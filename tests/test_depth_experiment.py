@@ -1,4 +1,4 @@
-"""The depth experiment (issue 14): the shipped logs follow the protocol, the summary and the README's table follow
+"""The depth experiment: the shipped logs follow the protocol, the summary and the write-up's table follow
 from the logs, the shipped checkpoints give their logged numbers, and the run script's metrics are right."""
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ def test_summary_is_mean_and_sample_sd_of_the_logs():
 
 
 @needs_logs
-def test_readme_depth_table_is_the_one_the_logs_give():
+def test_written_up_depth_table_is_the_one_the_logs_give():
     table = experiment.depth_table(experiment.depth_summary(LOGS))
-    assert table in (ROOT / "README.md").read_text(), "README's depth table is not what the shipped logs give"
+    page = ROOT / "experiments" / "depth" / "README.md"
+    assert table in page.read_text(), "experiments/depth/README.md's table is not what the shipped logs give"
     # the table has one row per depth with the numbers of the logs, to the printed precision
     rows = [line for line in table.splitlines()[2:]]
     assert [int(row.split("|")[1]) for row in rows] == list(experiment.DEPTHS)
