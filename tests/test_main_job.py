@@ -281,3 +281,22 @@ def test_main_job_output_has_no_third_party_noise(tmp_path, capfd):
     last = out.strip().splitlines()[-1]
     assert last.startswith(f"Wrote {len(written)} files to {tmp_path}: ")
     assert sorted(last.split(": ", 1)[1].split(", ")) == written
+
+
+def test_shipped_tokenizers_are_the_built_one_and_space_continuations(tmp_path):
+    """The shipped folders' tokenizer is `build_tokenizer()` as saved, and decoding puts a space before every word,
+    so that a pipeline's text is the prompt, a space and the continuation (not "9 plus 1 is9 .")."""
+    from transformers import AutoTokenizer, pipeline
+
+    built = build_tokenizer()
+    built.save_pretrained(tmp_path)
+    for folder, _ in MODELS:
+        shipped = json.loads((CHECKPOINTS_DIR / folder / "tokenizer.json").read_text())
+        assert shipped == json.loads((tmp_path / "tokenizer.json").read_text()), folder
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS_DIR / MODELS[0][0])
+    ids = tokenizer("9 plus 1 is 10 .")["input_ids"]
+    assert ids == built("9 plus 1 is 10 .")["input_ids"] and len(ids) == 6
+    assert tokenizer.decode(ids[4:]) == " 10 ." and tokenizer.decode(ids) == " 9 plus 1 is 10 ."
+    generator = pipeline("text-generation", model=str(CHECKPOINTS_DIR / SHIPPED_MUDD), trust_remote_code=True)
+    text = generator("9 plus 1 is", max_new_tokens=2, do_sample=False)[0]["generated_text"]
+    assert text.startswith("9 plus 1 is ") and "  " not in text and len(text.split()) == 6, text
