@@ -8,7 +8,7 @@ PY = $(VENV)/bin/python
 # fast on a machine whose cores are shared.
 export HF_HUB_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
-# Which torch build setup installs (README, Install):
+# Which torch build setup installs (docs/development.md, Install in detail):
 #   TORCH=cpu   (default) the CPU build from PyTorch's wheel index TORCH_INDEX (about 190 MB); if that index cannot
 #               be reached, the plain pin from pip's usual index instead, with a message saying so
 #   TORCH=pypi  the plain pin from pip's usual index (on Linux x86_64: the CUDA build, about 2.7 GB)

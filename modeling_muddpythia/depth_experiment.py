@@ -1,4 +1,4 @@
-"""The depth experiment (issue 14): plain GPT-NeoX against MUDDPythia at equal training compute, three depths at one
+"""The depth experiment: plain GPT-NeoX against MUDDPythia at equal training compute, three depths at one
 width, three seeds. The protocol is fixed in `experiments/depth/PROTOCOL.md` (committed before any run); the
 constants below are that protocol, and nothing here may be changed after the runs without saying so.
 
@@ -184,7 +184,7 @@ def all_runs() -> list[tuple[int, int, str]]:
     return [(d, s, a) for d in sorted(DEPTHS, reverse=True) for s in SEEDS for a in ARCHS]
 
 
-# ---------------------------------------------------------------- analysis (used by the main job and the README)
+# ---------------------------------------------------------------- analysis (used by the main job and experiments/depth/README.md)
 
 ARCH_NAMES = {"plain": "GPT-NeoX", "mudd": "MUDDPythia"}
 
