@@ -313,3 +313,23 @@ def test_quickstart_does_not_ask_about_custom_code_on_a_terminal():
         "from transformers import AutoTokenizer\nAutoTokenizer.from_pretrained('checkpoints/depth8-muddpythia')\n"
     )
     assert asked
+
+
+# ---------------------------------------------------------------------------------------------------- license, citation
+def test_license_file_is_the_license_setup_cfg_declares_and_citation_names_the_paper():
+    import configparser
+
+    import yaml
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    assert setup["metadata"]["license"] == "Apache-2.0"
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert citation["license"] == "Apache-2.0" and citation["version"] == setup["metadata"]["version"]
+    paper = citation["preferred-citation"]
+    assert paper["title"].startswith("MUDDFormer: Breaking Residual Bottlenecks")
+    assert [a["family-names"] for a in paper["authors"]] == ["Xiao", "Meng", "Li", "Yuan"]
+    assert paper["year"] == 2025 and "2502.12170" in paper["url"]
+    assert "arxiv.org/abs/2502.12170" in README.read_text() and "github.com/Caiyun-AI/MUDDFormer" in README.read_text()
