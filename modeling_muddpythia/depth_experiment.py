@@ -256,10 +256,10 @@ def depth_table(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_depth(logs: list[dict], path: str | Path) -> None:
+def depth_figure(logs: list[dict]):
     """Two panels: final held-out loss against depth (every run a marker whose shape is its seed, a line through the
     means over seeds), and held-out loss during training against training FLOPs (mean over seeds, min-max band).
-    Colour is the architecture in both; one legend per meaning (architecture, seed, depth)."""
+    Colour is the architecture in both; one legend per meaning (architecture, seed, depth). Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,6 +332,14 @@ def plot_depth(logs: list[dict], path: str | Path) -> None:
                   frameon=False, title_fontsize=11,
                   title=f"GPT-NeoX vs MUDDPythia, {len(logs)} runs: depths {', '.join(map(str, depths))}; "
                         f"seeds {', '.join(map(str, seeds))}")
+    return figure
+
+
+def plot_depth(logs: list[dict], path: str | Path) -> None:
+    """`depth_figure(logs)` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = depth_figure(logs)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
