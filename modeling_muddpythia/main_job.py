@@ -234,7 +234,8 @@ def run_main_job(
             )
         scores[(name, n)] = {(task, metric): metric_value(results, task, metric) for task, metric, *_ in TABLE_ROWS}
         n_shots.update({(task, n): results["n-shot"].get(task, n) for task in TASKS})
-        raw[f"{name} {n}-shot"] = {"results": results["results"], "n-shot": results["n-shot"]}
+        # "limit": documents per task, None when lm-eval scored them all
+        raw[f"{name} {n}-shot"] = {"results": results["results"], "n-shot": results["n-shot"], "limit": limit}
     table = results_table(scores, shots, n_shots)
 
     models, logs = {}, {}

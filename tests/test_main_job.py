@@ -159,6 +159,7 @@ def test_main_job_on_the_shipped_checkpoints(main_job_output):
     assert set(raw) == {"GPT-NeoX 0-shot", "MUDDPythia 0-shot", "GPT-NeoX 5-shot", "MUDDPythia 5-shot"}
     assert raw["MUDDPythia 5-shot"]["n-shot"]["mudd_synth_recall"] == 5
     assert raw["MUDDPythia 5-shot"]["n-shot"]["mudd_synth_perplexity"] == 0
+    assert {entry["limit"] for entry in raw.values()} == {None}  # every document scored
     assert len(result["generations"]) == 5 and all(g["MUDDPythia"] for g in result["generations"])
     assert len(json.loads((output / "dense_weights.json").read_text())) == len(result["dense_weights"])
     assert (output / "depth_experiment.md").read_text() == result["depth_table"]
@@ -276,6 +277,7 @@ def test_main_job_output_has_no_third_party_noise(tmp_path, capfd):
     # a --limit run says that its numbers are partial, in the report and on the console
     assert out.count("PARTIAL RUN (--limit 2)") == 2
     assert "PARTIAL RUN (--limit 2)" in (tmp_path / "tiny_models_table.md").read_text()
+    assert {entry["limit"] for entry in json.loads((tmp_path / "lm_eval_results.json").read_text()).values()} == {2}
     # the last line names every file the job wrote
     written = sorted(path.name for path in tmp_path.iterdir())
     last = out.strip().splitlines()[-1]
