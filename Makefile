@@ -8,7 +8,7 @@ PY = $(VENV)/bin/python
 # fast on a machine whose cores are shared.
 export HF_HUB_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
-# Which torch build setup installs (README, Install):
+# Which torch build setup installs (docs/development.md, Install in detail):
 #   TORCH=cpu   (default) the CPU build from PyTorch's wheel index TORCH_INDEX (about 190 MB); if that index cannot
 #               be reached, the plain pin from pip's usual index instead, with a message saying so
 #   TORCH=pypi  the plain pin from pip's usual index (on Linux x86_64: the CUDA build, about 2.7 GB)
@@ -20,13 +20,18 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup run test test-setup clean
 
+# What the main job needs: torch, the package and its `eval` extra (lm-evaluation-harness, matplotlib).
 $(VENV)/.installed: setup.cfg pyproject.toml tools/install_torch.py
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU build of 2.13.0 is what we test; an unpinned torch pulls the CUDA build.
 	$(PY) tools/install_torch.py --version $(TORCH_VERSION) --build $(TORCH) --index $(TORCH_INDEX)
-	# eval: lm-evaluation-harness and matplotlib, used by the main job and its tests
-	$(PY) -m pip install -q -e ".[test,eval]"
+	$(PY) -m pip install -q -e ".[eval]"
 	@cat $(VENV)/torch-build.txt
+	touch $@
+
+# What the test suite needs on top: the `test` extra (pytest, peft, datasets, tensorstore, triton, ...).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test,eval]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -38,7 +43,7 @@ run: setup
 # the installed (pinned) version from the package index and unpack its tests/ into the ignored build/ folder, where
 # tests/transformers_common.py finds them. Nothing of it is copied into the repository.
 HF_TESTS = build/transformers-tests
-$(HF_TESTS)/.unpacked: $(VENV)/.installed
+$(HF_TESTS)/.unpacked: $(VENV)/.installed-test
 	rm -rf $(HF_TESTS) && mkdir -p $(HF_TESTS)
 	version=$$($(PY) -c "import transformers; print(transformers.__version__)") && \
 	$(PY) -m pip download -q --no-deps --no-binary :all: "transformers==$$version" -d $(HF_TESTS) && \
@@ -46,7 +51,7 @@ $(HF_TESTS)/.unpacked: $(VENV)/.installed
 	echo "$$version" > $(HF_TESTS)/VERSION && rm $(HF_TESTS)/transformers-$$version.tar.gz
 	touch $@
 
-test-setup: setup $(HF_TESTS)/.unpacked
+test-setup: $(VENV)/.installed-test $(HF_TESTS)/.unpacked
 
 test: test-setup
 	$(PY) -m pytest -q tests

@@ -1,4 +1,6 @@
-"""Command-line entry point: `mudd <command>` (or `python -m modeling_muddpythia.cli <command>`).
+"""MUDD models from the command line: the main job, the paper's evaluation suite, tiny models, task data, a demo.
+
+`mudd <command>` (or `python -m modeling_muddpythia.cli <command>`).
 
 Arguments are parsed before torch and transformers are imported, so that `mudd --help` answers at once.
 """
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seq-length", type=int, default=256, help="tokens per sequence")
     train.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warm-up, then cosine)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the data stream")
-    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: as many as torch chooses)")
     train.set_defaults(run=_train_tiny)
 
     tasks = command("write-tasks", "regenerate the synthetic lm-eval task data (JSONL)")

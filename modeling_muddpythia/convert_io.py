@@ -324,7 +324,8 @@ def _import_tensorstore():
     except ImportError:
         raise ConversionError(
             "reading a TensorStore/Orbax checkpoint directory needs the `tensorstore` package: "
-            "pip install 'modeling-muddpythia[convert]' (or export the weights to a flat .npz/.safetensors file)"
+            "pip install tensorstore, or pip install -e '.[convert]' in this package's clone (or export the weights to "
+            "a flat .npz/.safetensors file)"
         ) from None
     return tensorstore
 

@@ -1,4 +1,4 @@
-"""The depth experiment (issue 14): plain GPT-NeoX against MUDDPythia at equal training compute, three depths at one
+"""The depth experiment: plain GPT-NeoX against MUDDPythia at equal training compute, three depths at one
 width, three seeds. The protocol is fixed in `experiments/depth/PROTOCOL.md` (committed before any run); the
 constants below are that protocol, and nothing here may be changed after the runs without saying so.
 
@@ -184,7 +184,7 @@ def all_runs() -> list[tuple[int, int, str]]:
     return [(d, s, a) for d in sorted(DEPTHS, reverse=True) for s in SEEDS for a in ARCHS]
 
 
-# ---------------------------------------------------------------- analysis (used by the main job and the README)
+# ---------------------------------------------------------------- analysis (used by the main job and experiments/depth/README.md)
 
 ARCH_NAMES = {"plain": "GPT-NeoX", "mudd": "MUDDPythia"}
 
@@ -256,40 +256,49 @@ def depth_table(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_depth(logs: list[dict], path: str | Path) -> None:
-    """Two panels: final held-out loss against depth (mean over seeds, min-max bar, each seed a dot), and held-out
-    loss against training compute (mean over seeds, min-max band), for both architectures."""
+def depth_figure(logs: list[dict]):
+    """Two panels: final held-out loss against depth (every run a marker whose shape is its seed, a line through the
+    means over seeds), and held-out loss during training against training FLOPs (mean over seeds, min-max band).
+    Colour is the architecture in both; one legend per meaning (architecture, seed, depth). Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.lines import Line2D
 
     colours = {"plain": "tab:blue", "mudd": "tab:red"}
+    lines = {"plain": "-", "mudd": "--"}
     depths = sorted({r["depth"] for r in logs})
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    seeds = sorted({r["seed"] for r in logs})
+    seed_markers = dict(zip(seeds, ("o", "s", "^", "D", "v", "P")))
+    depth_markers = dict(zip(depths, ("o", "s", "^", "D", "v", "P")))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+
     for k, arch in enumerate(ARCHS):
-        offset = (k - 0.5) * 0.06  # side by side on the log axis
-        means, lows, highs, xs = [], [], [], []
+        means = []
         for depth in depths:
-            values = [r["heldout_loss"] for r in logs if r["depth"] == depth and r["arch"] == arch]
-            x = depth * 2 ** offset
-            left.scatter([x] * len(values), values, s=12, color=colours[arch], alpha=0.45)
-            means.append(sum(values) / len(values))
-            lows.append(means[-1] - min(values))
-            highs.append(max(values) - means[-1])
-            xs.append(x)
-        left.errorbar(xs, means, yerr=[lows, highs], color=colours[arch], marker="o", capsize=4,
-                      label=f"{ARCH_NAMES[arch]} (mean, min-max over seeds)")
+            runs = sorted((r for r in logs if r["depth"] == depth and r["arch"] == arch), key=lambda r: r["seed"])
+            for j, run in enumerate(runs):  # the seeds of one architecture side by side, the two architectures apart
+                x = depth * 2 ** ((k - 0.5) * 0.16 + (j - (len(runs) - 1) / 2) * 0.035)
+                left.scatter(x, run["heldout_loss"], s=30, marker=seed_markers[run["seed"]], facecolors="none",
+                             edgecolors=colours[arch], linewidths=1.2)
+            means.append(sum(r["heldout_loss"] for r in runs) / len(runs))
+        left.plot([d * 2 ** ((k - 0.5) * 0.16) for d in depths], means, color=colours[arch], linestyle=lines[arch],
+                  linewidth=1.5)
     left.set_xscale("log", base=2)
     left.set_xticks(depths, [str(d) for d in depths])
     left.minorticks_off()
     left.set_xlabel("blocks (width 64)")
     left.set_ylabel("held-out loss at the end of training (nats/token)")
-    left.set_title("final held-out loss against depth, equal compute per pair")
-    left.legend(fontsize=8)
+    left.set_title("final held-out loss against depth (equal compute per pair)", fontsize=10)
+    seed_handles = [
+        Line2D([], [], color="0.3", marker=seed_markers[s], markerfacecolor="none", linestyle="none", label=f"seed {s}")
+        for s in seeds
+    ]
+    left.legend(handles=seed_handles, title="one marker per run: its seed", fontsize=8, ncol=len(seeds),
+                loc="upper center", bbox_to_anchor=(0.5, -0.13))
 
-    styles = dict(zip(depths, ("o", "s", "^", "D", "v")))
     for depth in depths:
         for arch in ARCHS:
             runs = [r for r in logs if r["depth"] == depth and r["arch"] == arch]
@@ -297,21 +306,40 @@ def plot_depth(logs: list[dict], path: str | Path) -> None:
             flops = [sum(f for f, _ in point) / len(point) / 1e12 for point in points]
             losses = [[loss for _, loss in point] for point in points]
             mean = [sum(v) / len(v) for v in losses]
-            right.plot(flops, mean, color=colours[arch], marker=styles[depth], markersize=3.5,
-                       linestyle="-" if arch == "plain" else "--", label=f"{ARCH_NAMES[arch]}, {depth} blocks")
+            right.plot(flops, mean, color=colours[arch], marker=depth_markers[depth], markersize=4,
+                       linestyle=lines[arch])
             right.fill_between(flops, [min(v) for v in losses], [max(v) for v in losses], color=colours[arch],
-                               alpha=0.15, linewidth=0)
+                               alpha=0.12, linewidth=0)
     right.set_xscale("log")
     lowest, highest = right.get_xlim()
     ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lowest <= t <= highest]
     right.set_xticks(ticks, [f"{t:g}" for t in ticks])
     right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    right.set_xlabel("training compute (TFLOPs, FlopCounterMode x 3)")
+    right.set_xlabel("training FLOPs (10^12)")
     right.set_ylabel("held-out loss (nats/token)")
-    right.set_title("held-out loss during training (mean over seeds, min-max band)")
-    right.legend(fontsize=7, ncol=2)
-    seeds = sorted({r["seed"] for r in logs})
-    figure.suptitle(f"GPT-NeoX vs MUDDPythia, {len(logs)} runs: depths {depths}, seeds {seeds}")
+    right.set_title("held-out loss during training (band: min-max over seeds)", fontsize=10)
+    depth_handles = [
+        Line2D([], [], color="0.3", marker=depth_markers[d], linestyle="none", label=f"{d} blocks") for d in depths
+    ]
+    right.legend(handles=depth_handles, title="one marker shape per depth", fontsize=8, ncol=len(depths),
+                 loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    architecture_handles = [
+        Line2D([], [], color=colours[a], linestyle=lines[a], label=f"{ARCH_NAMES[a]} (line: mean over seeds)")
+        for a in ARCHS
+    ]
+    # the figure's title heads the architecture legend (a separate suptitle would overlap it)
+    figure.legend(handles=architecture_handles, loc="outside upper center", ncol=len(ARCHS), fontsize=9,
+                  frameon=False, title_fontsize=11,
+                  title=f"GPT-NeoX vs MUDDPythia, {len(logs)} runs: depths {', '.join(map(str, depths))}; "
+                        f"seeds {', '.join(map(str, seeds))}")
+    return figure
+
+
+def plot_depth(logs: list[dict], path: str | Path) -> None:
+    """`depth_figure(logs)` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = depth_figure(logs)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

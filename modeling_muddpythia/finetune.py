@@ -52,7 +52,9 @@ from .safe_output import describe_os_error, display, fsync_path, fsync_tree, sam
 
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json")
-TRAIN_EXTRA_HINT = "mudd-finetune needs the `train` extra: pip install 'modeling-muddpythia[train]'"
+TRAIN_EXTRA_HINT = (
+    "mudd-finetune needs the `train` extra: pip install -e '.[train]' in this package's clone (peft, datasets, pillow)"
+)
 # Written into every checkpoint after Trainer has saved it: file sizes and SHA-256 sums (see `checkpoint_problem`).
 CHECKPOINT_MANIFEST = "mudd_checkpoint.json"
 FINAL_STAGING = ".final.partial"

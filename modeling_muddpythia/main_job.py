@@ -226,14 +226,16 @@ def run_main_job(
 
     scores, n_shots, raw = {}, {}, {}
     runs = [(folder, name, n) for n in shots for folder, name in MODELS]
-    for folder, name, n in stage_bar(runs, desc=f"1/3 lm-eval runs ({len(TASKS)} tasks each)", unit="run"):
+    stage = f"stage 1 of 3: lm-eval, {len(runs)} runs of {len(TASKS)} tasks"
+    for folder, name, n in stage_bar(runs, desc=stage, unit="run"):
         with quiet_third_party():
             results = evaluate_model(
                 checkpoints / folder, list(TASKS), n, manager=manager, batch_size=batch_size, limit=limit, device="cpu"
             )
         scores[(name, n)] = {(task, metric): metric_value(results, task, metric) for task, metric, *_ in TABLE_ROWS}
         n_shots.update({(task, n): results["n-shot"].get(task, n) for task in TASKS})
-        raw[f"{name} {n}-shot"] = {"results": results["results"], "n-shot": results["n-shot"]}
+        # "limit": documents per task, None when lm-eval scored them all
+        raw[f"{name} {n}-shot"] = {"results": results["results"], "n-shot": results["n-shot"], "limit": limit}
     table = results_table(scores, shots, n_shots)
 
     models, logs = {}, {}
@@ -245,7 +247,7 @@ def run_main_job(
     tokenizer = AutoTokenizer.from_pretrained(checkpoints / MODELS[1][0])
 
     generations = []
-    for prompt, expected in stage_bar(sample_prompts(), desc="2/3 sample generations", unit="prompt"):
+    for prompt, expected in stage_bar(sample_prompts(), desc="stage 2 of 3: sample generations", unit="prompt"):
         generations.append(
             {"prompt": prompt, "expected": expected,
              **{name: greedy_continuation(model, tokenizer, prompt) for name, model in models.items()}}
@@ -254,7 +256,7 @@ def run_main_job(
     mudd_name = MODELS[1][1]
     texts = [row["text"] for row in task_rows("mudd_synth_perplexity", "test")[:heatmap_documents]]
     mean_weights = mean_dense_weights(
-        models[mudd_name], tokenizer, stage_bar(texts, desc="3/3 dense-connection weights", unit="document")
+        models[mudd_name], tokenizer, stage_bar(texts, desc="stage 3 of 3: dense-connection weights", unit="document")
     )
     grid = dense_weight_grid(mean_weights)
     plot_dense_weights(
@@ -263,26 +265,41 @@ def run_main_job(
     )
     (output / "dense_weights.json").write_text(json.dumps([w.tolist() for w in mean_weights]) + "\n")
 
+    written = ["dense_weights_heatmap.png", "dense_weights.json"]
     depth_logs = load_logs(log_dir)
     depth_md = depth_table(depth_summary(depth_logs)) if depth_logs else ""
     if depth_logs:
         plot_depth(depth_logs, output / "depth_experiment.png")
         (output / "depth_experiment.md").write_text(depth_md)
+        written += ["depth_experiment.png", "depth_experiment.md"]
 
-    report = _report(table, generations, logs, shots, depth_md)
+    partial = partial_note(limit)
+    report = _report(table, generations, logs, shots, depth_md, partial)
     (output / "tiny_models_table.md").write_text(report)
     (output / "lm_eval_results.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    written = ["tiny_models_table.md", "lm_eval_results.json"] + written
     print(report)
-    print(f"Wrote {output / 'tiny_models_table.md'}, {output / 'lm_eval_results.json'}, "
-          f"{output / 'dense_weights_heatmap.png'}, {output / 'dense_weights.json'}"
-          + (f", {output / 'depth_experiment.png'}" if depth_logs else ""))
+    if partial:
+        print(partial)
+    print(f"Wrote {len(written)} files to {output}: {', '.join(written)}")
     return {"table": table, "depth_table": depth_md, "scores": scores, "generations": generations,
             "dense_weights": mean_weights, "report": report}
 
 
-def _report(table: str, generations: list[dict], logs: dict, shots: tuple[int, ...], depth_md: str = "") -> str:
+def partial_note(limit: int | None) -> str:
+    """The line that marks a `--limit` run's numbers as partial ("" for a full run)."""
+    if limit is None:
+        return ""
+    return (f"PARTIAL RUN (--limit {limit}): lm-eval scored only the first {limit} documents of each task; these "
+            "numbers are not the full evaluation.")
+
+
+def _report(table: str, generations: list[dict], logs: dict, shots: tuple[int, ...], depth_md: str = "",
+            partial: str = "") -> str:
     (_, plain), (_, mudd) = MODELS
     lines = ["# Tiny GPT-NeoX vs tiny MUDDPythia on the synthetic tasks", ""]
+    if partial:
+        lines += [f"**{partial}**", ""]
     if depth_md:
         lines += [
             "## The depth experiment (experiments/depth/PROTOCOL.md; from the shipped training logs)", "",

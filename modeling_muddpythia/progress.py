@@ -3,8 +3,8 @@
 `quiet_third_party()` is a context manager for long library calls (lm-eval above all). Inside it:
 
 * progress bars that libraries draw on stderr (tqdm's carriage-return lines: lm-eval's per-request bars, the
-  bootstrap bars, transformers' "Loading weights") are dropped; every other stderr line (warnings, errors) is
-  passed through unchanged;
+  bootstrap bars, transformers' "Loading weights") are dropped, and so are empty lines (tqdm writes a bare newline
+  to step over a nested bar); every other stderr line (warnings, errors) is passed through unchanged;
 * stdout lines starting with one of `DROPPED_STDOUT_PREFIXES` (lm-eval's "bootstrapping for stddev: ...") are
   dropped, every other line is passed through.
 
@@ -61,7 +61,7 @@ class LineFilter(io.TextIOBase):
 def quiet_third_party() -> Iterator:
     out, err = sys.stdout, sys.stderr
     stdout = LineFilter(out, lambda line: line.startswith(DROPPED_STDOUT_PREFIXES))
-    stderr = LineFilter(err, is_progress_bar_line)
+    stderr = LineFilter(err, lambda line: not line.strip() or is_progress_bar_line(line))
     restore = []
     try:
         import transformers

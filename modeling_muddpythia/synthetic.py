@@ -56,13 +56,16 @@ def vocabulary() -> list[str]:
 
 def build_tokenizer():
     """A word-level `PreTrainedTokenizerFast` over `vocabulary()`: whitespace splits words, unknown words map to
-    `<unk>`, decoding joins words with single spaces. bos = eos = `<|endoftext|>` (id 0), pad = `<pad>` (id 1)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    `<unk>`. Decoding writes a space before every word (as byte-level BPE tokenizers do), so that a continuation
+    decoded on its own, as `pipeline` and `generate` users do, joins its prompt with a space: `" 9 ."`.
+    bos = eos = `<|endoftext|>` (id 0), pad = `<pad>` (id 1)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {word: index for index, word in enumerate(vocabulary())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.Replace(Regex("^"), " ")
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=PAD, unk_token=UNKNOWN,
         model_max_length=1024,

@@ -1,5 +1,5 @@
 """Shared pytest configuration: every run names the torch build it ran on (`make setup` may fall back from the CPU
-build to another one; see README, Install)."""
+build to another one; see docs/development.md, Install in detail)."""
 
 
 def torch_build() -> str:

@@ -1,4 +1,4 @@
-"""The depth experiment (issue 14): the shipped logs follow the protocol, the summary and the README's table follow
+"""The depth experiment: the shipped logs follow the protocol, the summary and the write-up's table follow
 from the logs, the shipped checkpoints give their logged numbers, and the run script's metrics are right."""
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ def test_summary_is_mean_and_sample_sd_of_the_logs():
 
 
 @needs_logs
-def test_readme_depth_table_is_the_one_the_logs_give():
+def test_written_up_depth_table_is_the_one_the_logs_give():
     table = experiment.depth_table(experiment.depth_summary(LOGS))
-    assert table in (ROOT / "README.md").read_text(), "README's depth table is not what the shipped logs give"
+    page = ROOT / "experiments" / "depth" / "README.md"
+    assert table in page.read_text(), "experiments/depth/README.md's table is not what the shipped logs give"
     # the table has one row per depth with the numbers of the logs, to the printed precision
     rows = [line for line in table.splitlines()[2:]]
     assert [int(row.split("|")[1]) for row in rows] == list(experiment.DEPTHS)
@@ -188,3 +189,32 @@ def test_run_one_trains_a_pair_from_one_function_with_equal_compute(tmp_path):
         assert json.loads((tmp_path / f"{record['run']}.json").read_text()) == record
         assert len(record["curve"]) == 11 and record["curve"][-1]["heldout_loss"] < record["curve"][0]["heldout_loss"]
     assert experiment.load_logs(tmp_path) == [plain, mudd]
+
+
+@needs_logs
+def test_depth_figure_shows_every_run_by_seed_with_one_legend_per_meaning():
+    import matplotlib.pyplot as plt
+
+    figure = experiment.depth_figure(LOGS)
+    try:
+        left, right = figure.axes
+        # left: one marker per run at its final held-out loss, no error bars whose caps could pass for runs
+        assert not left.containers and len(left.collections) == len(LOGS)
+        by_loss = {round(r["heldout_loss"], 9): r for r in LOGS}
+        shapes = {}
+        for collection in left.collections:
+            (x, y), = collection.get_offsets()
+            run = by_loss[round(float(y), 9)]
+            assert abs(x / run["depth"] - 1) < 0.2, run["run"]  # plotted beside its depth
+            shapes.setdefault(run["seed"], set()).add(collection.get_paths()[0].vertices.tobytes())
+        assert all(len(paths) == 1 for paths in shapes.values())  # a seed has one marker shape ...
+        assert len({next(iter(paths)) for paths in shapes.values()}) == len(experiment.SEEDS)  # ... its own
+        # one legend per meaning: seeds (left), depths (right), architectures (the figure's)
+        assert [t.get_text() for t in left.get_legend().get_texts()] == [f"seed {s}" for s in experiment.SEEDS]
+        assert [t.get_text() for t in right.get_legend().get_texts()] == [f"{d} blocks" for d in experiment.DEPTHS]
+        (architectures,) = figure.legends
+        labels = [t.get_text() for t in architectures.get_texts()]
+        assert len(labels) == 2 and labels[0].startswith("GPT-NeoX") and labels[1].startswith("MUDDPythia")
+        assert right.get_xlabel().startswith("training FLOPs")
+    finally:
+        plt.close(figure)

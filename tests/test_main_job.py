@@ -21,7 +21,7 @@ from modeling_muddpythia.main_job import (
 from modeling_muddpythia.synthetic import build_tokenizer, task_rows
 from modeling_muddpythia.train_tiny import MUDD_NAME, PLAIN_NAME, mudd_model_from, plain_model, train_tiny_models
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+EVALUATION_PAGE = Path(__file__).resolve().parent.parent / "docs" / "evaluation.md"
 SHIPPED_MUDD = MODELS[1][0]  # the checkpoint folder of the main job's MUDD model (carries its remote code)
 
 
@@ -161,20 +161,22 @@ def test_main_job_on_the_shipped_checkpoints(main_job_output):
     assert set(raw) == {"GPT-NeoX 0-shot", "MUDDPythia 0-shot", "GPT-NeoX 5-shot", "MUDDPythia 5-shot"}
     assert raw["MUDDPythia 5-shot"]["n-shot"]["mudd_synth_recall"] == 5
     assert raw["MUDDPythia 5-shot"]["n-shot"]["mudd_synth_perplexity"] == 0
+    assert {entry["limit"] for entry in raw.values()} == {None}  # every document scored
     assert len(result["generations"]) == 5 and all(g["MUDDPythia"] for g in result["generations"])
     assert len(json.loads((output / "dense_weights.json").read_text())) == len(result["dense_weights"])
     assert (output / "depth_experiment.md").read_text() == result["depth_table"]
 
 
-def test_readme_tables_are_what_the_shipped_checkpoints_and_logs_give(main_job_output):
-    """The README's two tables (lm-eval of the shipped pair; the depth experiment from the shipped logs) and the
-    sentence with the shipped pair's held-out losses are exactly what the main job prints today."""
+def test_documented_tables_are_what_the_shipped_checkpoints_and_logs_give(main_job_output):
+    """docs/evaluation.md's lm-eval table of the shipped pair and its sentence with the pair's held-out losses, and
+    the depth experiment's table in experiments/depth/README.md, are exactly what the main job prints today."""
     _, result = main_job_output
-    readme = README.read_text()
-    assert result["table"] in readme, "README's lm-eval table differs from the main job's: update the README"
-    assert result["depth_table"] in readme, "README's depth table differs from the shipped logs: update the README"
+    readme = EVALUATION_PAGE.read_text()
+    assert result["table"] in readme, "docs/evaluation.md's lm-eval table differs from the main job's: update it"
+    depth_page = EVALUATION_PAGE.parent.parent / "experiments" / "depth" / "README.md"
+    assert result["depth_table"] in depth_page.read_text(), "the depth table differs from the shipped logs"
     plain, mudd = (json.loads((CHECKPOINTS_DIR / f / "training_log.json").read_text()) for f, _ in MODELS)
-    sentence = (  # README prose wraps lines: compare with whitespace collapsed
+    sentence = (  # prose wraps lines: compare with whitespace collapsed
         f"Equal training compute ({mudd['train_flops'] / 1e12:.2f} TFLOPs); parameters: GPT-NeoX "
         f"{plain['parameters']:,}, MUDDPythia {mudd['parameters']:,} "
         f"(+{100 * (mudd['parameters'] / plain['parameters'] - 1):.1f}%); held-out loss: GPT-NeoX "
@@ -270,7 +272,35 @@ def test_main_job_output_has_no_third_party_noise(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "bootstrapping for stddev" not in out + err
     assert "Running loglikelihood requests" not in err and "Loading weights" not in err
+    assert not [line for line in err.split("\n")[:-1] if not line.strip()], "blank lines on stderr"
     stages = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    assert {line.split(":")[0] for line in stages} <= {
-        "1/3 lm-eval runs (5 tasks each)", "2/3 sample generations", "3/3 dense-connection weights"}, stages[:5]
-    assert "dense_weights.json" in out
+    assert {line.split(":")[0] for line in stages} <= {"stage 1 of 3", "stage 2 of 3", "stage 3 of 3"}, stages[:5]
+    assert "stage 1 of 3: lm-eval, 2 runs of 5 tasks" in err
+    # a --limit run says that its numbers are partial, in the report and on the console
+    assert out.count("PARTIAL RUN (--limit 2)") == 2
+    assert "PARTIAL RUN (--limit 2)" in (tmp_path / "tiny_models_table.md").read_text()
+    assert {entry["limit"] for entry in json.loads((tmp_path / "lm_eval_results.json").read_text()).values()} == {2}
+    # the last line names every file the job wrote
+    written = sorted(path.name for path in tmp_path.iterdir())
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"Wrote {len(written)} files to {tmp_path}: ")
+    assert sorted(last.split(": ", 1)[1].split(", ")) == written
+
+
+def test_shipped_tokenizers_are_the_built_one_and_space_continuations(tmp_path):
+    """The shipped folders' tokenizer is `build_tokenizer()` as saved, and decoding puts a space before every word,
+    so that a pipeline's text is the prompt, a space and the continuation (not "9 plus 1 is9 .")."""
+    from transformers import AutoTokenizer, pipeline
+
+    built = build_tokenizer()
+    built.save_pretrained(tmp_path)
+    for folder, _ in MODELS:
+        shipped = json.loads((CHECKPOINTS_DIR / folder / "tokenizer.json").read_text())
+        assert shipped == json.loads((tmp_path / "tokenizer.json").read_text()), folder
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS_DIR / MODELS[0][0])
+    ids = tokenizer("9 plus 1 is 10 .")["input_ids"]
+    assert ids == built("9 plus 1 is 10 .")["input_ids"] and len(ids) == 6
+    assert tokenizer.decode(ids[4:]) == " 10 ." and tokenizer.decode(ids) == " 9 plus 1 is 10 ."
+    generator = pipeline("text-generation", model=str(CHECKPOINTS_DIR / SHIPPED_MUDD), trust_remote_code=True)
+    text = generator("9 plus 1 is", max_new_tokens=2, do_sample=False)[0]["generated_text"]
+    assert text.startswith("9 plus 1 is ") and "  " not in text and len(text.split()) == 6, text
