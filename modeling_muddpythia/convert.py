@@ -52,6 +52,9 @@ TOKENIZER_FILES = (
     "tokenizer.model", "added_tokens.json", "chat_template.jinja",
 )
 MODEL_CARDS = Path(__file__).resolve().parent.parent / "model_cards"
+# Embedding rows beyond the vocabulary that a padded source may have: real padding rounds up to a multiple of
+# 64..1024, far less than this.
+_PADDING_SLACK = 4096
 # How many offending names an error message lists.
 _LIST_LIMIT = 10
 
@@ -257,6 +260,10 @@ def check_plan(prepared: Prepared, format_name: str, target_shapes: dict[str, tu
                 continue
             for expected, size in zip(shape, actual):
                 if isinstance(expected, AtLeast):
+                    if size > 2 * int(expected) + _PADDING_SLACK:  # refused before the rows are read
+                        wrong.append(f"{name!r} has {size} vocabulary rows for a vocabulary of {int(expected)}: "
+                                     "padding never comes near that, the file is corrupt or crafted")
+                        continue
                     padded.setdefault(int(expected), []).append((name, size))
     ignored = {name: reason for name in names - used if (reason := plan.ignore_reason(name))}
     unexpected = sorted(names - used - set(ignored))

@@ -192,7 +192,9 @@ def check_replaceable(output: Path, tools: tuple[str, ...]) -> None:
     """`OutputError` unless `output` is absent or a folder that one of `tools` wrote (its `OWNER_MARKER`)."""
     if not output.exists() and not output.is_symlink():
         return
-    if output.is_symlink() or not output.is_dir():
+    if output.is_symlink():  # replacing would swap the link, never what the marker check looked at
+        raise OutputError(f"{display(output)} is a link; refusing to replace it")
+    if not output.is_dir():
         raise OutputError(f"{display(output)} exists and is not a folder; refusing to replace it")
     found = owner(output)
     if found not in tools:
