@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let --verify import and run the Python modeling code inside the input folder "
                         "(default: off, the code is never imported)")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing, finished output folder (default: off, an existing one is refused)")
+                        help="replace an existing output folder that mudd-convert wrote (it carries .mudd-output.json; "
+                        "any other folder is never replaced) (default: off, an existing one is refused)")
     parser.add_argument("--strict", action="store_true",
                         help="fail on non-finite weights instead of warning (default: off)")
     parser.add_argument("--allow-pickle", action="store_true",
