@@ -480,7 +480,7 @@ class TensorStoreSource(TensorSource):
 
     def read(self, name: str) -> torch.Tensor:
         store = self._store(name)
-        chunk_shape = store.chunk_layout.read_chunk.shape
+        chunk_shape = store.chunk_layout.write_chunk.shape  # one stored file per write chunk (a shard, if sharded)
         expected = math.prod(-(-int(size) // int(chunk)) for size, chunk in zip(store.shape, chunk_shape))
         stored = self._chunk_counts[self._paths[name]]
         if stored != expected:  # before the read allocates the declared shape

@@ -509,3 +509,33 @@ def test_converter_modules_do_not_import_their_parser():
             "modeling_muddpythia.convert_vit_npz; print('modeling_muddpythia.cli_convert' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.stdout.strip() == "False", result.stderr
+
+
+@needs_tensorstore
+@pytest.mark.parametrize("ocdbt", [False, True])
+def test_zarr3_checkpoints_convert_and_a_missing_chunk_is_named(tmp_path, capsys, ocdbt):
+    """zarr v3 (newer Orbax): chunks under `c/i/j`, several per array, in folders or an OCDBT database."""
+    import tensorstore as ts
+
+    arrays = {name: t.numpy() for name, t in cast(pax_tensors(Shapes())).items()}
+    root = tmp_path / "ckpt"
+    for name, array in arrays.items():
+        kvstore = ({"driver": "ocdbt", "base": {"driver": "file", "path": f"{root}/"}, "path": f"{name}/"} if ocdbt
+                   else {"driver": "file", "path": f"{root / name}/"})
+        chunks = [max(1, size // 2) for size in array.shape]
+        spec = {"driver": "zarr3", "kvstore": kvstore, "store_data_equal_to_fill_value": True, "metadata": {
+            "shape": list(array.shape), "data_type": array.dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}}}}
+        ts.open(spec, create=True).result().write(array).result()
+    args = ("--format", "pax", "--input", root, "--output", tmp_path / "out", "--config", PAX_CONFIG)
+    assert convert(*args) == 0
+    shutil.rmtree(tmp_path / "out")
+    name = f"{PAX}.final_ln.scale"
+    if ocdbt:
+        kvstore = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{root}/"}}).result()
+        kvstore.delete_range(ts.KvStore.KeyRange(f"{name}/c/1".encode(), f"{name}/c/1\0".encode())).result()
+    else:
+        (root / name / "c" / "1").unlink()
+    assert convert(*args) == 1
+    assert f"array '{name}' declares shape [{Shapes().hidden}] in 2 chunks of [{Shapes().hidden // 2}], but 1 chunk files" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
