@@ -38,7 +38,7 @@ from .convert_plans import (
     format_shape, gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan, llama_config, llama_plan,
     maxtext_canonical_name, maxtext_plan, pax_canonical_name, pax_family, pax_plan, shape_matches,
 )
-from .safe_input import inside
+from .safe_input import inside, read_bounded
 from .safe_output import (
     Claim, OutputError, check_replaceable, describe_os_error, display, remove_stale, same_or_nested, staged,
 )
@@ -99,7 +99,7 @@ def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ConversionError(f"{what} not found: {display(path)}")
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = read_bounded(path).decode("utf-8-sig")
     except OSError as error:
         raise ConversionError(describe_os_error(error, path, "read it")) from None
     except UnicodeDecodeError as error:

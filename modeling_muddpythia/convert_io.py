@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .safe_input import check_tree, inside, plain_name
+from .safe_input import check_tree, inside, plain_name, read_bounded
 from .safe_output import describe_os_error, display, reraise_with_path
 
 
@@ -209,11 +209,11 @@ class SafetensorsSource(TensorSource):
 
 def _read_index(path: Path) -> dict[str, str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_bounded(path)
     except OSError as error:
         raise ConversionError(describe_os_error(error, path, "read it")) from None
     try:
-        weight_map = json.loads(text)["weight_map"]
+        weight_map = json.loads(data.decode("utf-8"))["weight_map"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ConversionError(f"{path}: not a valid shard index ({error!r})") from None
     if not isinstance(weight_map, dict):
@@ -420,7 +420,7 @@ class TensorStoreSource(TensorSource):
         if not file.is_file():
             return {}
         try:
-            return json.loads(file.read_text())
+            return json.loads(read_bounded(file))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ConversionError(f"{file}: corrupt checkpoint metadata ({error})") from None
 

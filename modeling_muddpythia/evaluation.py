@@ -229,6 +229,9 @@ def run_table3(
     Returns the process exit status: 2 when a dataset is unavailable (nothing is evaluated then).
     """
     model_dir, output = Path(model_dir), Path(output)
+    if output.exists() and not output.is_dir():  # found before the evaluation, not after it
+        print(f"error: --output {output} exists and is not a folder", file=sys.stderr)
+        return 2
     if not (model_dir / "config.json").is_file():
         print(f"error: {model_dir} is not a saved model folder (no config.json)", file=sys.stderr)
         return 2

@@ -72,3 +72,18 @@ def check_tree(folder: Path) -> None:
             path = Path(dirpath) / name
             if path.is_symlink():
                 check_link(path, roots)
+
+
+# The largest metadata file (config, shard index, TensorStore `_METADATA`) read into memory: real ones are a few
+# kB to a few MB; a larger one is refused before it is read.
+METADATA_LIMIT = 64 * 2**20
+
+
+def read_bounded(path: Path, limit: int = METADATA_LIMIT) -> bytes:
+    """The bytes of `path`, or `UnsafeInputError` when it holds more than `limit` bytes (a device or FIFO, which
+    has no size, is read up to the limit). OS errors propagate for the caller to name."""
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise UnsafeInputError(f"{display(path)}: larger than {limit} bytes, too large for a metadata file; refused")
+    return data

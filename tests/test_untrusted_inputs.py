@@ -539,3 +539,49 @@ def test_zarr3_checkpoints_convert_and_a_missing_chunk_is_named(tmp_path, capsys
     assert convert(*args) == 1
     assert f"array '{name}' declares shape [{Shapes().hidden}] in 2 chunks of [{Shapes().hidden // 2}], but 1 chunk files" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_oversized_metadata_files_are_refused_before_they_are_read(source, tmp_path, capsys):
+    with open(source / "config.json", "r+b") as handle:  # a sparse 100 MB config.json
+        handle.truncate(100 * 2**20)
+    assert authors(source, tmp_path / "out") == 1
+    assert "config.json: larger than 67108864 bytes, too large for a metadata file" in capsys.readouterr().err
+    big = tmp_path / "big.json"
+    with open(big, "wb") as handle:
+        handle.truncate(100 * 2**20)
+    valid = write_authors(tmp_path / "valid", Shapes())
+    with pytest.raises(SystemExit):
+        authors(valid, tmp_path / "out", "--config", big)
+    assert "argument --config: cannot read" in capsys.readouterr().err
+    assert authors(valid, tmp_path / "out", "--config", "{}") == 0
+
+
+def test_an_index_that_is_not_utf8_is_named(source, tmp_path, capsys):
+    (source / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"\xff": "model.safetensors"}}')
+    assert authors(source, tmp_path / "out") == 1
+    assert f"{source / 'model.safetensors.index.json'}: not a valid shard index" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_a_forced_replacement_keeps_the_owned_output(source, tmp_path):
+    out = tmp_path / "out"
+    assert authors(source, out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    limit = 40_000  # the config and code fit, the weights (about 80 KB) do not
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_muddpythia.cli_convert", "--format", "authors-pytorch", "--input", str(source),
+         "--output", str(out), "--force"], capture_output=True, text=True, preexec_fn=set_limit, cwd=REPO,
+    )
+    assert "the file size limit was reached (ulimit -f)" in one_error(result)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(tmp_path) == []
+
+
+def test_mudd_eval_refuses_an_output_that_is_a_file_before_evaluating(tmp_path, capsys):
+    from modeling_muddpythia.evaluation import run_table3
+
+    (tmp_path / "table").write_text("")
+    assert run_table3(REPO / "checkpoints" / "depth8-muddpythia", tmp_path / "table") == 2
+    assert "--output" in capsys.readouterr().err and (tmp_path / "table").read_text() == ""
