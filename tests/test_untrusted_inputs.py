@@ -585,3 +585,17 @@ def test_mudd_eval_refuses_an_output_that_is_a_file_before_evaluating(tmp_path, 
     (tmp_path / "table").write_text("")
     assert run_table3(REPO / "checkpoints" / "depth8-muddpythia", tmp_path / "table") == 2
     assert "--output" in capsys.readouterr().err and (tmp_path / "table").read_text() == ""
+
+
+@pytest.mark.parametrize("field", ["num_hidden_layers", "vocab_size", "hidden_size"])
+def test_a_plain_model_config_with_absurd_sizes_is_refused_naming_the_field(tmp_path, capsys, field):
+    folder = tmp_path / "gptneox"
+    shutil.copytree(REPO / "checkpoints" / "depth8-gptneox", folder)
+    assert convert("--format", "gpt-neox", "--input", folder, "--output", tmp_path / "valid") == 0
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = 10**9
+    (folder / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    assert convert("--format", "gpt-neox", "--input", folder, "--output", tmp_path / "out") == 1
+    assert f"`{field}` is 1000000000, above the limit" in capsys.readouterr().err
+    assert time.perf_counter() - start < 10 and not (tmp_path / "out").exists()
