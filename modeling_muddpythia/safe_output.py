@@ -106,10 +106,16 @@ class Claim:
     def __enter__(self) -> Claim:
         ensure_parent(self.output)
         for _ in range(100):
-            try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # never through a link: the lock file is truncated and rewritten
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
             except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise OutputError(f"{display(self.lock_path)} is a link; remove it (this lock file is never "
+                                      "written through a link)") from None
                 raise OutputError(describe_os_error(error, self.lock_path, f"create the lock file for {display(self.output)}")) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OutputError(f"{display(self.lock_path)} is not a regular file; remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -599,3 +599,14 @@ def test_a_plain_model_config_with_absurd_sizes_is_refused_naming_the_field(tmp_
     assert convert("--format", "gpt-neox", "--input", folder, "--output", tmp_path / "out") == 1
     assert f"`{field}` is 1000000000, above the limit" in capsys.readouterr().err
     assert time.perf_counter() - start < 10 and not (tmp_path / "out").exists()
+
+
+def test_a_lock_file_that_is_a_link_is_never_written_through(source, tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / ".out.lock").symlink_to(precious)
+    assert authors(source, tmp_path / "out") == 1
+    assert f"{tmp_path / '.out.lock'} is a link" in capsys.readouterr().err
+    assert precious.read_text() == "keep me" and not (tmp_path / "out").exists()
+    (tmp_path / ".out.lock").unlink()
+    assert authors(source, tmp_path / "out") == 0
