@@ -561,7 +561,7 @@ def input_model_path(format_name: str, path: Path) -> Path:
 
 def check_output_path(output: Path, inputs: dict[str, Path], force: bool) -> None:
     """Refuse an output that is, contains or lies inside one of `inputs` (name -> path), or that exists (unless
-    `force`, and then only a folder)."""
+    `force`, and then only a folder this tool wrote: `check_replaceable`)."""
     for what, path in inputs.items():
         if same_or_nested(output, path):
             relation = ("is" if output.resolve() == path.resolve()
