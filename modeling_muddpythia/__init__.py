@@ -1,8 +1,8 @@
 """MUDD (multiway dynamic dense) models for Hugging Face transformers.
 
 Importing the package registers the MUDD configs and models with transformers' Auto classes. The one exception is
-the commands `mudd`, `mudd-convert` and `mudd-finetune` (also as `python -m modeling_muddpythia.cli`, `.cli_convert`,
-`.cli_finetune`): they parse their arguments first, so that `--help` answers without importing torch and
+the commands `mudd`, `mudd-convert`, `mudd-finetune` and `mudd-eval` (also as `python -m modeling_muddpythia.cli`,
+`.cli_convert`, `.cli_finetune`, `.evaluation`): they parse their arguments first, so that `--help` answers without importing torch and
 transformers (seconds), and then load what they need.
 """
 
@@ -77,12 +77,13 @@ def __dir__():
 
 
 # The commands that parse their arguments before the package is loaded, as console scripts and as `-m` modules.
-_LIGHT_COMMANDS = {"mudd": "cli", "mudd-convert": "cli_convert", "mudd-finetune": "cli_finetune"}
+_LIGHT_COMMANDS = {
+    "mudd": "cli", "mudd-convert": "cli_convert", "mudd-finetune": "cli_finetune", "mudd-eval": "evaluation",
+}
 
 
 def _started_as_mudd_command() -> bool:
-    """True while `mudd`, `mudd-convert` or `mudd-finetune` (or `python -m modeling_muddpythia.cli[_convert|
-    _finetune]`) is starting."""
+    """True while one of `_LIGHT_COMMANDS` is starting (as a console script or with `python -m`)."""
     if sys.argv and os.path.basename(sys.argv[0]).removesuffix(".exe").removesuffix("-script.py") in _LIGHT_COMMANDS:
         return True
     argv = list(getattr(sys, "orig_argv", []))

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from .evaluation import table3_arguments  # argparse only: evaluation.py imports lm-eval and torch lazily
+# argparse only: evaluation.py imports lm-eval and torch lazily
+from .evaluation import HelpFormatter, integer_at_least, table3_arguments
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +42,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     from . import MUDDPythiaConfig, MUDDPythiaForCausalLM
 
-    config = MUDDPythiaConfig.from_json_file(args.preset)
+    try:
+        config = MUDDPythiaConfig.from_json_file(args.preset)
+    except (ValueError, TypeError) as error:  # the config's own validation names the field
+        print(f"mudd demo: error: --preset {args.preset}: {error}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     model = MUDDPythiaForCausalLM(config).eval()
     dense = sum(p.numel() for n, p in model.named_parameters() if ".dense." in n)
@@ -83,12 +89,16 @@ def _main_job(args: argparse.Namespace) -> int:
 
 
 def _train_tiny(args: argparse.Namespace) -> int:
-    from .train_tiny import train_tiny_models
+    from .train_tiny import check_training_options, train_tiny_models
 
-    summary = train_tiny_models(
-        output=args.output, steps=args.steps, batch_size=args.batch_size, seq_length=args.seq_length,
-        peak_lr=args.lr, seed=args.seed, threads=args.threads,
-    )
+    options = dict(steps=args.steps, batch_size=args.batch_size, seq_length=args.seq_length, peak_lr=args.lr,
+                   seed=args.seed, threads=args.threads)
+    try:
+        check_training_options(**options)
+    except ValueError as error:
+        print(f"mudd train-tiny: error: {error}", file=sys.stderr)
+        return 2
+    summary = train_tiny_models(output=args.output, **options)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -107,17 +117,31 @@ def _table3(args: argparse.Namespace) -> int:
     return run_table3(args.model_dir, args.output, tuple(args.shots), args.batch_size, args.limit, args.device)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" to each option's help unless the help already names its default or it is None."""
+def _positive_finite(text: str) -> float:
+    """An argparse `type`: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+
+def _preset(text: str) -> str:
+    """An argparse `type`: a readable JSON file holding an object (the config is validated when it is built)."""
+    try:
+        with open(text, encoding="utf-8") as handle:
+            value = json.loads(handle.read(1 << 20))  # a preset is a few hundred bytes
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read a JSON config from {text!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} does not hold a JSON object")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    formatter = _HelpFormatter
+    formatter = HelpFormatter
     parser = argparse.ArgumentParser(prog="mudd", description=__doc__.split("\n\n")[0], formatter_class=formatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -144,13 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment, python -m modeling_muddpythia.depth_experiment)"
     )
     train.add_argument("--output", default="outputs/train-tiny", help="folder for the two model folders")
-    train.add_argument("--steps", type=int, default=1200,
+    train.add_argument("--steps", type=integer_at_least(1), default=1200,
                        help="training steps of the MUDD model (the plain model gets more, for equal compute)")
-    train.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    train.add_argument("--seq-length", type=int, default=256, help="tokens per sequence")
-    train.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warm-up, then cosine)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the data stream")
-    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: as many as torch chooses)")
+    train.add_argument("--batch-size", type=integer_at_least(1), default=8, help="sequences per step")
+    # Two tokens at least: a sequence of one has no next token to predict (the loss would be NaN).
+    train.add_argument("--seq-length", type=integer_at_least(2), default=256,
+                       help="tokens per sequence (at most the tiny models' 512 positions)")
+    train.add_argument("--lr", type=_positive_finite, default=3e-3,
+                       help="peak AdamW learning rate (warm-up, then cosine)")
+    train.add_argument("--seed", type=integer_at_least(0), default=0,
+                       help="seed of the initial weights and of the data stream")
+    train.add_argument("--threads", type=integer_at_least(0), default=2, help="torch CPU threads (0: as many as torch chooses)")
     train.set_defaults(run=_train_tiny)
 
     tasks = command("write-tasks", "regenerate the synthetic lm-eval task data (JSONL)")
@@ -161,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", "build a small MUDDPythia from a preset, save it with remote code, reload it in a fresh "
         "process with trust_remote_code and generate"
     )
-    demo.add_argument("--preset", default=str(DEFAULT_PRESET), help="JSON config preset (see configuration/)")
+    demo.add_argument("--preset", type=_preset, default=str(DEFAULT_PRESET),
+                      help="JSON config preset (see configuration/)")
     demo.add_argument("--output", default="outputs/demo", help="folder to save the model to")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    demo.add_argument("--max-new-tokens", type=int, default=12, help="tokens to generate greedily")
+    demo.add_argument("--seed", type=integer_at_least(0), default=0, help="seed of the random weights")
+    demo.add_argument("--max-new-tokens", type=integer_at_least(1), default=12, help="tokens to generate greedily")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+from .safe_input import read_bounded
+
 FORMATS = ("authors-pytorch", "pax", "maxtext", "gpt-neox", "llama", "vit-npz")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 MODEL_TYPES = ("muddformer", "muddpythia")
@@ -40,8 +42,8 @@ def _config_argument(text: str) -> dict:
     path = Path(text)
     if not text.lstrip().startswith("{") and path.is_file():
         try:
-            text = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as error:
+            text = read_bounded(path).decode("utf-8-sig")
+        except (OSError, ValueError) as error:  # ValueError: not UTF-8, or too large
             raise argparse.ArgumentTypeError(f"cannot read {path}: {error}") from None
     try:
         value = json.loads(text)
@@ -91,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let --verify import and run the Python modeling code inside the input folder "
                         "(default: off, the code is never imported)")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing, finished output folder (default: off, an existing one is refused)")
+                        help="replace an existing output folder that mudd-convert wrote (it carries .mudd-output.json; "
+                        "any other folder is never replaced) (default: off, an existing one is refused)")
     parser.add_argument("--strict", action="store_true",
                         help="fail on non-finite weights instead of warning (default: off)")
     parser.add_argument("--allow-pickle", action="store_true",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
-from .configuration_mudd import _check_bool, _check_positive_int, _check_probability
+from .configuration_mudd import SIZE_LIMITS, _check_bool, _check_positive_int, _check_probability
 from .mudd import STREAM_NAMES
 
 
@@ -97,6 +97,10 @@ class MUDDViTConfig(PreTrainedConfig):
         self.dense_expand_last = dense_expand_last
         self.dense_round64 = dense_round64
         self.dense_norm_eps = dense_norm_eps
+        labels = kwargs.get("num_labels")
+        if labels is not None and not (isinstance(labels, int) and 0 <= labels <= SIZE_LIMITS["num_labels"]):
+            # before the base class builds one label name per class
+            raise ValueError(f"`num_labels` must be an integer in [0, {SIZE_LIMITS['num_labels']}], got {labels!r}")
         super().__init__(**kwargs)
         self.validate_muddvit()
 

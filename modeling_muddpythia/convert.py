@@ -7,7 +7,9 @@ claim on the output for the whole run (a second run on the same output fails), w
 output folder, fsyncs it and renames it only when everything, including `--verify`, succeeded: an error or an
 interrupt never leaves a partial output folder, and the staging folders of killed runs are removed by the next
 run. Exit codes: 0 success, 1 conversion or file error (one line naming the path and the cause), 2 bad command
-line, 130 interrupted. The argument parser lives in `modeling_muddpythia.cli_convert` (no torch import before parsing).
+line, 130 interrupted. The argument parser lives in `modeling_muddpythia.cli_convert` (no torch import before parsing),
+which calls `run` here; this module does not import the parser. Inputs are read only inside what the user named
+(`safe_input`), and `--force` replaces only a folder that carries this tool's ownership marker (`safe_output`).
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ from pathlib import Path
 
 import torch
 
-from modeling_muddpythia.cli_convert import FORMATS, build_parser, parse_size  # noqa: F401  (public names kept here)
-
 from .convert_io import (
     FLOAT_DTYPES, ConversionError, RenamedSource, SafetensorError, ShardedSafetensorsWriter, TensorSource,
     open_flat_or_directory, open_weights, write_failure_message,
@@ -38,9 +38,12 @@ from .convert_plans import (
     format_shape, gpt_neox_canonical_name, gpt_neox_config, gpt_neox_plan, llama_config, llama_plan,
     maxtext_canonical_name, maxtext_plan, pax_canonical_name, pax_family, pax_plan, shape_matches,
 )
+from .safe_input import inside, read_bounded
 from .safe_output import (
-    Claim, OutputError, describe_os_error, display, remove_stale, same_or_nested, staged,
+    Claim, OutputError, check_replaceable, describe_os_error, display, remove_stale, same_or_nested, staged,
 )
+
+TOOL = "mudd-convert"
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +52,9 @@ TOKENIZER_FILES = (
     "tokenizer.model", "added_tokens.json", "chat_template.jinja",
 )
 MODEL_CARDS = Path(__file__).resolve().parent.parent / "model_cards"
+# Embedding rows beyond the vocabulary that a padded source may have: real padding rounds up to a multiple of
+# 64..1024, far less than this.
+_PADDING_SLACK = 4096
 # How many offending names an error message lists.
 _LIST_LIMIT = 10
 
@@ -93,7 +99,7 @@ def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ConversionError(f"{what} not found: {display(path)}")
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = read_bounded(path).decode("utf-8-sig")
     except OSError as error:
         raise ConversionError(describe_os_error(error, path, "read it")) from None
     except UnicodeDecodeError as error:
@@ -118,7 +124,7 @@ def _check_model_type(requested: str | None, found: str, where: str) -> Family:
 def _prepare_authors(options: Options) -> Prepared:
     warnings: list[str] = []
     folder = options.input if options.input.is_dir() else options.input.parent
-    authors = _read_json(folder / "config.json", "the authors' config.json")
+    authors = _read_json(inside(folder, "config.json"), "the authors' config.json")
     if "model_type" not in authors and options.model_type is None:
         raise ConversionError(f"{folder / 'config.json'} has no model_type; pass --model-type")
     family = _check_model_type(options.model_type, authors.get("model_type", options.model_type), str(folder / "config.json"))
@@ -185,7 +191,7 @@ def _prepare_plain(options: Options) -> Prepared:
     if options.config:
         raise ConversionError(f"--config is not used with --format {options.format}: the model's config.json is complete")
     expected = {"gpt-neox": "gpt_neox", "llama": "llama"}[options.format]
-    found = _read_json(folder / "config.json", "config.json").get("model_type")
+    found = _read_json(inside(folder, "config.json"), "config.json").get("model_type")
     if found != expected:
         raise ConversionError(f"--format {options.format} expects model_type {expected!r} in {folder / 'config.json'}, found {found!r}")
     try:  # never the folder's own code: the model type is a built-in one
@@ -254,6 +260,10 @@ def check_plan(prepared: Prepared, format_name: str, target_shapes: dict[str, tu
                 continue
             for expected, size in zip(shape, actual):
                 if isinstance(expected, AtLeast):
+                    if size > 2 * int(expected) + _PADDING_SLACK:  # refused before the rows are read
+                        wrong.append(f"{name!r} has {size} vocabulary rows for a vocabulary of {int(expected)}: "
+                                     "padding never comes near that, the file is corrupt or crafted")
+                        continue
                     padded.setdefault(int(expected), []).append((name, size))
     ignored = {name: reason for name in names - used if (reason := plan.ignore_reason(name))}
     unexpected = sorted(names - used - set(ignored))
@@ -551,7 +561,7 @@ def input_model_path(format_name: str, path: Path) -> Path:
 
 def check_output_path(output: Path, inputs: dict[str, Path], force: bool) -> None:
     """Refuse an output that is, contains or lies inside one of `inputs` (name -> path), or that exists (unless
-    `force`, and then only a folder)."""
+    `force`, and then only a folder this tool wrote: `check_replaceable`)."""
     for what, path in inputs.items():
         if same_or_nested(output, path):
             relation = ("is" if output.resolve() == path.resolve()
@@ -563,6 +573,7 @@ def check_output_path(output: Path, inputs: dict[str, Path], force: bool) -> Non
             raise ConversionError(f"--output {display(output)} exists and is not a directory")
         if not force:
             raise ConversionError(f"--output {display(output)} already exists; pass --force to replace it")
+        check_replaceable(output, (TOOL,))
 
 
 def _check_paths(options: Options) -> None:
@@ -584,7 +595,7 @@ def tokenizer_files(options: Options, folder: Path | None) -> list[Path]:
         raise ConversionError(f"--tokenizer {display(origin)}: no such file or directory")
     if origin.is_file():
         return [origin]
-    found = [origin / name for name in TOKENIZER_FILES if (origin / name).is_file()]
+    found = [inside(origin, name) for name in TOKENIZER_FILES if (origin / name).is_file()]
     if options.tokenizer is not None and not found:
         raise ConversionError(f"--tokenizer {display(origin)}: none of {list(TOKENIZER_FILES)} found")
     return found
@@ -616,7 +627,7 @@ def convert(options: Options) -> Path:
     """Run one conversion; returns the output folder. Raises `ConversionError`, `OutputError` (both one-line
     messages), `OSError` (a file system error; `main` names its path) or `KeyboardInterrupt`."""
     _check_paths(options)
-    with Claim(options.output, "mudd-convert"):
+    with Claim(options.output, TOOL):
         _check_paths(options)  # again, now that no other run can create the output
         remove_stale(options.output, _log)
         prepared = prepare(options)
@@ -628,7 +639,7 @@ def convert(options: Options) -> Path:
                 f"{options.format} -> {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
                 f"{config.num_attention_heads} heads, vocab {config.vocab_size}, {run.dtype} ({len(prepared.plan.rules)} rules)"
             )
-            with staged(options.output) as staging:
+            with staged(options.output, TOOL) as staging:
                 _write(options, prepared, run, staging)
         finally:
             prepared.source.close()
@@ -702,10 +713,3 @@ def run(args: argparse.Namespace) -> int:
 
     return _guarded(options.output, body)
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

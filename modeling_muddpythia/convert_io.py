@@ -6,12 +6,17 @@ TensorStore/Orbax arrays one by one, and pickles only when asked to (`weights_on
 writer is hand-written because the library writes only whole dicts of tensors: it lays out every shard up front
 from the known target shapes, so each tensor goes to disk as soon as it is converted, and fsyncs each shard.
 
-Every problem with the input is raised as `ConversionError` with a message meant for the user.
+Every problem with the input is raised as `ConversionError` with a message meant for the user. Files are read only
+inside the input (`safe_input`): shard names are plain file names, links must stay inside the folder (or, for a Hub
+cache snapshot, inside its repository's `blobs/`). Declared sizes are checked against stored sizes before anything
+is allocated: safetensors offsets by the library, each `.npz` member's `.npy` header against the member's size, and
+each TensorStore array's chunk grid against the chunks on disk (a missing chunk is an error, never fill values).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import zipfile
@@ -24,8 +29,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from modeling_muddpythia.cli_convert import parse_size  # noqa: F401  (kept importable from here)
-
+from .safe_input import check_tree, inside, plain_name, read_bounded
 from .safe_output import describe_os_error, display, reraise_with_path
 
 
@@ -171,7 +175,7 @@ class SafetensorsSource(TensorSource):
         if path.name.endswith(".index.json"):
             weight_map = _read_index(path)
             for name, shard in weight_map.items():
-                shard_path = path.parent / shard
+                shard_path = inside(path.parent, shard, f"{display(path)} (for {name!r})")
                 if shard_path not in self._files:
                     if not shard_path.is_file():
                         raise ConversionError(f"{display(path)}: lists {shard!r} (for {name!r}), which does not exist")
@@ -205,15 +209,17 @@ class SafetensorsSource(TensorSource):
 
 def _read_index(path: Path) -> dict[str, str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_bounded(path)
     except OSError as error:
         raise ConversionError(describe_os_error(error, path, "read it")) from None
     try:
-        weight_map = json.loads(text)["weight_map"]
+        weight_map = json.loads(data.decode("utf-8"))["weight_map"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ConversionError(f"{path}: not a valid shard index ({error!r})") from None
     if not isinstance(weight_map, dict):
         raise ConversionError(f"{path}: `weight_map` must map tensor names to shard files")
+    for name, shard in weight_map.items():
+        plain_name(shard, f"{display(path)} (for {name!r})")
     return weight_map
 
 
@@ -226,7 +232,7 @@ class TorchPickleSource(TensorSource):
         files = sorted(set(_read_index(path).values())) if path.name.endswith(".index.json") else [path.name]
         self._tensors: dict[str, torch.Tensor] = {}
         for file in files:
-            for name, tensor in self._load(path.parent / file).items():
+            for name, tensor in self._load(inside(path.parent, file, display(path))).items():
                 if name in self._tensors:
                     raise ConversionError(f"{path.parent / file}: {name!r} also appears in another shard")
                 self._tensors[name] = tensor
@@ -289,8 +295,17 @@ class NpzSource(TensorSource):
                     version = np.lib.format.read_magic(handle)
                     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                     shape, _, dtype = reader(handle)
+                    header_size = handle.tell()
             except (ValueError, zipfile.BadZipFile, OSError, EOFError) as error:
                 raise ConversionError(f"{path}: member {member!r} is not a valid .npy array ({error})") from None
+            declared = math.prod(shape) * dtype.itemsize
+            stored = self._zip.getinfo(member).file_size - header_size
+            if declared != stored:
+                self._zip.close()
+                raise ConversionError(
+                    f"{display(path)}: member {member!r} declares shape {list(shape)} {dtype} ({declared} bytes) but "
+                    f"stores {stored} bytes; the file is corrupt or crafted, so it is refused before reading"
+                )
             if dtype.name not in _NUMPY_TO_TORCH:
                 raise ConversionError(
                     f"{path}: {name!r} has dtype {dtype} (bfloat16 arrays saved by numpy lose their type); "
@@ -328,6 +343,9 @@ def _import_tensorstore():
             "a flat .npz/.safetensors file)"
         ) from None
     return tensorstore
+
+
+_ZARR_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
 
 
 def _is_array_dir(path: Path) -> bool:
@@ -374,11 +392,14 @@ class TensorStoreSource(TensorSource):
     """
 
     def __init__(self, path: Path):
-        self.root = find_checkpoint_item(path)
+        # Absolute and resolved: TensorStore resolves a relative OCDBT base against nothing useful.
+        self.root = find_checkpoint_item(path).resolve()
+        check_tree(self.root)  # every chunk file is read by TensorStore itself: links must stay inside
         self._ts = _import_tensorstore()
         self.description = str(self.root)
         metadata = self._read_metadata()
         self.ocdbt = metadata.get("use_ocdbt", (self.root / "manifest.ocdbt").is_file())
+        self._chunk_counts: Counter = Counter()  # array path -> chunk files stored
         listed = self._list_arrays()  # name -> (path inside the checkpoint, metadata file)
         self.zarr3 = metadata.get("use_zarr3", any(leaf == "zarr.json" for _, leaf in listed.values()))
         self._paths = {name: path for name, (path, _) in listed.items()}
@@ -400,7 +421,7 @@ class TensorStoreSource(TensorSource):
         if not file.is_file():
             return {}
         try:
-            return json.loads(file.read_text())
+            return json.loads(read_bounded(file))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ConversionError(f"{file}: corrupt checkpoint metadata ({error})") from None
 
@@ -411,26 +432,37 @@ class TensorStoreSource(TensorSource):
                 keys = self._ts.KvStore.open(self._kvstore_spec("")).result().list().result()
             except Exception as error:  # tensorstore raises ValueError for unreadable databases
                 raise ConversionError(f"{self.root}: unreadable OCDBT checkpoint ({error})") from None
-            for key in keys:
-                path, _, leaf = key.decode().rpartition("/")
-                if leaf in (".zarray", "zarr.json"):
-                    found[path.replace("/", ".")] = (path, leaf)
-            return found
-        for dirpath, _, filenames in os.walk(self.root):
-            for leaf in (".zarray", "zarr.json"):
-                if leaf in filenames:
-                    parts = Path(dirpath).relative_to(self.root).parts
-                    found[".".join(parts)] = ("/".join(parts), leaf)
+            keys = [key.decode() for key in keys]
+        else:
+            keys = [
+                str(Path(dirpath, name).relative_to(self.root))
+                for dirpath, _, filenames in os.walk(self.root) for name in filenames
+            ]
+        for key in keys:
+            path, _, leaf = key.rpartition("/")
+            if leaf in (".zarray", "zarr.json"):
+                found[path.replace("/", ".")] = (path, leaf)
+        arrays = {path for path, _ in found.values()}
+        for key in keys:
+            if key.rpartition("/")[2] in _ZARR_METADATA:
+                continue
+            parent = key.rpartition("/")[0]
+            while parent and parent not in arrays:  # chunk keys may be nested ("c/0/1", "0/1")
+                parent = parent.rpartition("/")[0]
+            if parent:
+                self._chunk_counts[parent] += 1
         return found
 
     def _kvstore_spec(self, path: str) -> dict:
+        # JSON specs with a "path", never "file://" URLs: a URL misreads '#', '%' and spaces in folder names.
         if self.ocdbt:
-            return {"driver": "ocdbt", "base": f"file://{self.root}/", "path": f"{path}/" if path else ""}
+            return {"driver": "ocdbt", "base": {"driver": "file", "path": f"{self.root}/"}, "path": f"{path}/" if path else ""}
         return {"driver": "file", "path": f"{self.root / path}/"}
 
     def _store(self, name: str):
         if name not in self._stores:
-            spec = {"driver": "zarr3" if self.zarr3 else "zarr", "kvstore": self._kvstore_spec(self._paths[name])}
+            spec = {"driver": "zarr3" if self.zarr3 else "zarr", "kvstore": self._kvstore_spec(self._paths[name]),
+                    "fill_missing_data_reads": False}  # a missing chunk is an error, never zeros
             try:
                 self._stores[name] = self._ts.open(spec, open=True, read=True).result()
             except Exception as error:
@@ -448,8 +480,18 @@ class TensorStoreSource(TensorSource):
         return TensorInfo(tuple(int(d) for d in store.shape), _NUMPY_TO_TORCH[dtype.name])
 
     def read(self, name: str) -> torch.Tensor:
+        store = self._store(name)
+        chunk_shape = store.chunk_layout.write_chunk.shape  # one stored file per write chunk (a shard, if sharded)
+        expected = math.prod(-(-int(size) // int(chunk)) for size, chunk in zip(store.shape, chunk_shape))
+        stored = self._chunk_counts[self._paths[name]]
+        if stored != expected:  # before the read allocates the declared shape
+            raise ConversionError(
+                f"{self.root}: array {name!r} declares shape {[int(d) for d in store.shape]} in {expected} chunks of "
+                f"{[int(c) for c in chunk_shape]}, but {stored} chunk files are stored; the checkpoint is incomplete "
+                "or crafted (missing chunks are not read as fill values)"
+            )
         try:
-            array = self._store(name).read().result()
+            array = store.read().result()
         except Exception as error:
             raise ConversionError(f"{self.root}: cannot read array {name!r}, the checkpoint may be incomplete ({error})") from None
         return _numpy_to_torch(array, f"{self.root}: {name!r}")
@@ -500,10 +542,10 @@ def open_weights(path: Path, allow_pickle: bool) -> TensorSource:
     if not path.is_dir():
         raise ConversionError(f"{path}: no such file or directory")
     for candidate in ("model.safetensors.index.json", "model.safetensors"):
-        if (path / candidate).is_file():
+        if inside(path, candidate).is_file():
             return SafetensorsSource(path / candidate)
     for candidate in ("pytorch_model.bin.index.json", "pytorch_model.bin"):
-        if (path / candidate).is_file():
+        if inside(path, candidate).is_file():
             if not allow_pickle:
                 raise ConversionError(
                     f"{path} only has {candidate} (a pickle); pass --allow-pickle to load it (with weights_only=True)"

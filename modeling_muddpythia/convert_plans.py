@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .configuration_mudd import MUDDDecoderConfig
+from .configuration_mudd import SIZE_LIMITS, MUDDDecoderConfig
 from .configuration_muddformer import MUDDFormerConfig
 from .configuration_muddpythia import MUDDPythiaConfig
 from .convert_io import ConversionError, TensorSource
@@ -250,6 +250,10 @@ def authors_config(authors: Mapping, source: TensorSource, family: Family, overr
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             kind = f" (a {type(value).__name__})" if not isinstance(value, int) else ""
             raise ConversionError(f"the authors' config.json: {key} must be a positive integer, got {value!r}{kind}")
+        limit = SIZE_LIMITS[_AUTHORS_CONFIG_KEYS.get(key, key)]
+        if value > limit:  # before anything loops over the layers or reads a tensor
+            raise ConversionError(f"the authors' config.json: {key} ({_AUTHORS_CONFIG_KEYS.get(key, key)}) is {value}, "
+                                  f"above the limit of {limit}: the config is corrupt or crafted")
     derived = {field_name: authors[key] for key, field_name in _AUTHORS_CONFIG_KEYS.items() if key in authors}
     if "use_linear_bias" in authors:
         derived["attention_bias"] = derived["mlp_bias"] = authors["use_linear_bias"]

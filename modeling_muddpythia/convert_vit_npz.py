@@ -33,21 +33,22 @@ import math
 import os
 import re
 import warnings
-import zipfile
-import zlib
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .configuration_muddvit import MUDDViTConfig
+from .convert_io import ConversionError, NpzSource, TensorInfo
 from .modeling_muddvit import MUDDViTForImageClassification, build_image_processor
 from .muddify import build_from_plain_state
-from .safe_output import Claim, OutputError, describe_os_error, display, remove_stale, same_or_nested, staged
+from .safe_output import (
+    Claim, OutputError, check_replaceable, describe_os_error, display, remove_stale, same_or_nested, staged,
+)
 
 
+TOOL = "mudd-convert"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BLOCK = "Transformer/encoderblock_{}/"
 ATTENTION = "MultiHeadDotProductAttention_1/"
@@ -60,39 +61,48 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of an `.npz` archive, read eagerly (never unpickling), or `CheckpointError` naming the problem."""
+def open_npz(path: Path) -> NpzSource:
+    """The archive's members as named shapes and dtypes, from their `.npy` headers checked against the stored sizes
+    (nothing is read yet), or `CheckpointError` naming the problem. Pickled content is never loaded."""
     try:
-        with zipfile.ZipFile(path) as zipped:
-            names = [member.removesuffix(".npy") for member in zipped.namelist()]
-    except zipfile.BadZipFile:
-        names = []  # np.load below says what is wrong
+        with open(path, "rb") as handle:
+            single = handle.read(6) == b"\x93NUMPY"
     except OSError as error:
         raise CheckpointError(f"{display(path)}: cannot read it: {error.strerror or error}") from error
-    duplicated = sorted(name for name, count in Counter(names).items() if count > 1)
-    if duplicated:
-        raise CheckpointError(f"{display(path)}: the archive holds several members named {duplicated[:5]}; "
-                              "which one is the weight is ambiguous, so the file is refused")
+    if single:
+        raise CheckpointError(f"{display(path)} holds a single array (.npy), not an .npz archive of named arrays")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{path} is not a readable .npz archive ({type(error).__name__}: {error})") from error
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise CheckpointError(f"{path} holds a single array (.npy), not an .npz archive of named arrays")
+        source = NpzSource(path)
+    except ConversionError as error:
+        raise CheckpointError(str(error)) from None
+    for name in source.names():
+        dtype = source.info(name).dtype
+        if not dtype.is_floating_point:
+            source.close()
+            raise CheckpointError(f"{display(path)}: array {name!r} has dtype {source.info(name).dtype_name}, "
+                                  "expected floating point")
+    return source
+
+
+def read_arrays(source: NpzSource, names: list[str]) -> dict[str, np.ndarray]:
+    """The arrays `names` of an opened archive (bfloat16 ones as float32)."""
     arrays = {}
-    with archive:
-        for name in archive.files:
-            try:
-                arrays[name] = archive[name]
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-                raise CheckpointError(
-                    f"{path}: array {name!r} cannot be read, the file is truncated or corrupt "
-                    f"({type(error).__name__}: {error})"
-                ) from error
-    for name, array in arrays.items():
-        if not np.issubdtype(array.dtype, np.floating):
-            raise CheckpointError(f"{path}: array {name!r} has dtype {array.dtype}, expected floating point")
+    for name in names:
+        try:
+            tensor = source.read(name)
+        except ConversionError as error:
+            raise CheckpointError(f"{error}; the file is truncated or corrupt") from None
+        arrays[name] = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
     return arrays
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an `.npz` archive (sizes checked against the headers first; never unpickling)."""
+    source = open_npz(Path(path))
+    try:
+        return read_arrays(source, source.names())
+    finally:
+        source.close()
 
 
 def _shape(arrays: dict[str, np.ndarray], name: str, layout: list) -> tuple[int, ...]:
@@ -177,8 +187,8 @@ def expected_shapes(config: MUDDViTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_arrays(arrays: dict[str, np.ndarray], config: MUDDViTConfig, *, strict: bool) -> None:
-    """Names and shapes exactly as documented; non-finite values warn, or fail under `strict`."""
+def check_arrays(arrays: Mapping[str, TensorInfo | np.ndarray], config: MUDDViTConfig) -> None:
+    """Names and shapes (from the headers, before anything is read) exactly as documented."""
     expected = expected_shapes(config)
     missing = [name for name in expected if name not in arrays]
     if missing:
@@ -197,6 +207,10 @@ def check_arrays(arrays: dict[str, np.ndarray], config: MUDDViTConfig, *, strict
     for name, shape in expected.items():
         if arrays[name].shape != shape:
             raise CheckpointError(f"array {name!r} has shape {arrays[name].shape}, expected {shape}")
+
+
+def check_finite(arrays: dict[str, np.ndarray], *, strict: bool) -> None:
+    """Non-finite values warn, or fail under `strict`."""
     non_finite = [name for name, array in arrays.items() if not np.isfinite(array).all()]
     if non_finite:
         message = f"non-finite values (NaN or inf) in {len(non_finite)} array(s): {non_finite[:5]}"
@@ -279,13 +293,14 @@ def _write_atomically(output_dir: Path, write, *, force: bool, log: Callable[[st
 
     Whatever fails, no partial `output_dir` is left and an existing one survives unless the new one is in place.
     """
-    with Claim(output_dir, "mudd-convert"):
+    with Claim(output_dir, TOOL):
         if output_dir.exists() and not force:
             raise FileExistsError(f"{display(output_dir)} already exists; pass force=True (--force) to replace it")
         if output_dir.exists() and not output_dir.is_dir():
             raise FileExistsError(f"{display(output_dir)} exists and is not a folder; refusing to replace it")
+        check_replaceable(output_dir, (TOOL,))
         remove_stale(output_dir, log)
-        with staged(output_dir) as staging:
+        with staged(output_dir, TOOL) as staging:
             try:
                 write(staging)
             except OSError as error:  # save_pretrained's errors may name the file being copied, not the output
@@ -329,9 +344,15 @@ def convert_vit_npz(
                               "choose another output folder")
     if output_dir.exists() and not force:
         raise FileExistsError(f"{output_dir} already exists; pass force=True (--force) to replace it")
-    arrays = read_npz(input_path)
-    config = infer_config(arrays, config_overrides)
-    check_arrays(arrays, config, strict=strict)
+    source = open_npz(input_path)
+    try:
+        infos = {name: source.info(name) for name in source.names()}
+        config = infer_config(infos, config_overrides)
+        check_arrays(infos, config)  # names and shapes, before any array is read
+        arrays = read_arrays(source, list(infos))
+    finally:
+        source.close()
+    check_finite(arrays, strict=strict)
     image_processor = build_image_processor(config)
     model = build_from_plain_state(
         MUDDViTForImageClassification, config, muddvit_state_dict(arrays, config), dtype=DTYPES[dtype], origin="vit-npz"

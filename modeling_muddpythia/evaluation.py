@@ -36,16 +36,45 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_task_files(include_path: str | Path | list) -> None:
+    """`ValueError` naming the first task file (or folder) under `include_path` that lm-eval cannot read: its
+    `TaskManager` skips such files without a word, and the task then seems not to exist."""
+    from lm_eval.tasks._yaml_loader import load_yaml  # the loader TaskManager indexes task files with
+
+    for root in map(Path, include_path if isinstance(include_path, (list, tuple)) else [include_path]):
+        if not root.exists():
+            raise ValueError(f"{root}: task folder not found")
+        for file in [root] if root.is_file() else sorted(root.glob("**/*.yaml")):
+            try:
+                load_yaml(file, resolve_func=False, recursive=True)
+            except Exception as error:  # yaml and lm-eval raise many types for a bad file
+                reason = (str(error).strip().splitlines() or [""])[0]
+                raise ValueError(f"{file}: not a valid lm-eval task file ({type(error).__name__}: {reason[:160]})") from None
+
+
 def task_manager(include_path: str | Path | list | None = None, include_defaults: bool = True):
-    """lm-eval's `TaskManager` over extra task folders; `include_defaults=False` skips indexing the built-in tasks."""
+    """lm-eval's `TaskManager` over extra task folders (each task file checked first, see `check_task_files`);
+    `include_defaults=False` skips indexing the built-in tasks."""
     _require_lm_eval()
     from lm_eval.tasks import TaskManager
 
+    if include_path is not None:
+        check_task_files(include_path)
     if isinstance(include_path, (list, tuple)):
         include_path = [str(path) for path in include_path]
     elif include_path is not None:
         include_path = str(include_path)
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def check_evaluation_options(num_fewshot: int, batch_size: int, limit: int | None, bootstrap_iters: int = 0) -> None:
+    """`ValueError` naming the first option lm-eval would mis-run (a division by zero, a negative shot count)."""
+    for name, value, low in (("num_fewshot", num_fewshot, 0), ("batch_size", batch_size, 1),
+                             ("bootstrap_iters", bootstrap_iters, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` must be a positive integer (documents per task) or None, got {limit!r}")
 
 
 def evaluate_model(
@@ -62,7 +91,11 @@ def evaluate_model(
     """Run lm-eval's `hf` backend on a saved model folder (remote code allowed) and return its results dict.
 
     `results["results"][task]["acc,none"]` etc. hold the metrics, `results["n-shot"][task]` the shots used.
+    Options lm-eval would mis-run are refused first (`check_evaluation_options`).
     """
+    check_evaluation_options(num_fewshot, batch_size, limit, bootstrap_iters)
+    if not tasks or not all(isinstance(task, str) and task for task in tasks):
+        raise ValueError(f"`tasks` must be a non-empty list of task names, got {tasks!r}")
     _require_lm_eval()
     import lm_eval
 
@@ -196,6 +229,9 @@ def run_table3(
     Returns the process exit status: 2 when a dataset is unavailable (nothing is evaluated then).
     """
     model_dir, output = Path(model_dir), Path(output)
+    if output.exists() and not output.is_dir():  # found before the evaluation, not after it
+        print(f"error: --output {output} exists and is not a folder", file=sys.stderr)
+        return 2
     if not (model_dir / "config.json").is_file():
         print(f"error: {model_dir} is not a saved model folder (no config.json)", file=sys.stderr)
         return 2
@@ -240,12 +276,38 @@ def run_table3(
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to each option's help unless the help already names its default or it is None."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def integer_at_least(low: int):
+    """An argparse `type`: an integer >= `low` (the error names the bound; argparse names the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def table3_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("model_dir", help="a saved or converted model folder (config.json, weights, tokenizer)")
     parser.add_argument("--output", default="outputs/table3", help="folder for table3.md and table3_results.json")
-    parser.add_argument("--shots", type=int, nargs="+", default=[0, 5], help="few-shot settings (paper: 0 and 5)")
-    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
-    parser.add_argument("--limit", type=int, default=None, help="documents per task (for a quick look only)")
+    parser.add_argument("--shots", type=integer_at_least(0), nargs="+", default=[0, 5],
+                        help="few-shot settings (paper: 0 and 5)")
+    parser.add_argument("--batch-size", type=integer_at_least(1), default=8, help="lm-eval batch size")
+    parser.add_argument("--limit", type=integer_at_least(1), default=None,
+                        help="documents per task, for a quick look only (default: all)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return parser
 
@@ -254,10 +316,14 @@ def table3_main(argv: list[str] | None = None) -> int:
     """Console script `mudd-eval`: the paper's Table 3 suite for one model folder."""
     parser = table3_arguments(argparse.ArgumentParser(
         prog="mudd-eval",
+        formatter_class=HelpFormatter,
         description="Run the MUDDFormer paper's Table 3 lm-eval suite (0- and 5-shot) on a model folder and write "
         "a Markdown table with the paper's published rows beside it.",
     ))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # before torch, transformers and lm-eval are imported: --help answers at once
+    from . import load_package
+
+    load_package()
     return run_table3(args.model_dir, args.output, tuple(args.shots), args.batch_size, args.limit, args.device)
 
 

@@ -152,6 +152,20 @@ def forward_flops_per_token(model, seq_length: int) -> float:
     return counter.get_total_flops() / seq_length
 
 
+def check_training_options(*, steps, batch_size, seq_length, peak_lr, seed, threads) -> None:
+    """`ValueError` naming the first option (as `mudd train-tiny` spells it) that is out of range."""
+    bounds = (("--steps", steps, 1, None), ("--batch-size", batch_size, 1, None),
+              # one token has no next token to predict (NaN loss); more than the positions the models have fails
+              ("--seq-length", seq_length, 2, TINY_SHAPE["max_position_embeddings"]),
+              ("--seed", seed, 0, None), ("--threads", 0 if threads is None else threads, 0, None))
+    for option, value, low, high in bounds:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+            raise ValueError(f"{option} must be {allowed}, got {value!r}")
+    if isinstance(peak_lr, bool) or not isinstance(peak_lr, (int, float)) or not math.isfinite(peak_lr) or peak_lr <= 0:
+        raise ValueError(f"--lr must be a finite number > 0, got {peak_lr!r}")
+
+
 def train_tiny_models(
     output: str | Path = "checkpoints",
     steps: int = 1200,
@@ -165,8 +179,10 @@ def train_tiny_models(
 
     The MUDD model trains for `steps` steps. Its dense connections cost a few percent more FLOPs per token at this
     width, so the plain model trains for proportionally more steps (on the same batches, continuing the same
-    stream): both get the same training compute.
+    stream): both get the same training compute. Arguments out of range are a `ValueError` naming the option.
     """
+    check_training_options(steps=steps, batch_size=batch_size, seq_length=seq_length, peak_lr=peak_lr, seed=seed,
+                           threads=threads)
     if threads:
         torch.set_num_threads(threads)
     tokenizer = build_tokenizer()

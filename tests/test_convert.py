@@ -11,6 +11,7 @@ import configparser
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from convert_fixtures import (
 from mudd_reference import randomize_
 from modeling_muddpythia import muddify
 from modeling_muddpythia import convert as convert_module
-from modeling_muddpythia.convert import main
+from modeling_muddpythia.cli_convert import main
 from modeling_muddpythia.convert_io import ShardedSafetensorsWriter
 
 
@@ -230,7 +231,7 @@ def write_tensorstore(root: Path, arrays: dict[str, np.ndarray], *, ocdbt: bool,
         name = ".".join(keys)
         kvstore = {"driver": "ocdbt", "base": f"file://{root}/", "path": f"{name}/"} if ocdbt else {"driver": "file", "path": f"{root / name}/"}
         dtype = "bfloat16" if array.dtype.name == "bfloat16" else array.dtype.str
-        spec = {"driver": "zarr", "kvstore": kvstore, "metadata": {"shape": list(array.shape), "chunks": list(array.shape), "dtype": dtype, "compressor": {"id": "zstd", "level": 1}}}
+        spec = {"driver": "zarr", "kvstore": kvstore, "metadata": {"shape": list(array.shape), "chunks": list(array.shape), "dtype": dtype, "compressor": {"id": "zstd", "level": 1}}, "store_data_equal_to_fill_value": True}  # as Orbax writes
         ts.open(spec, create=True).result().write(array).result()
         tree[str(tuple(keys))] = {"key_metadata": [{"key": k, "key_type": 2} for k in keys], "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
     if metadata:
@@ -449,6 +450,12 @@ def test_existing_output_needs_force(authors_folder, tmp_path, capsys):
     (out / "old.txt").write_text("old")
     assert _convert_authors(authors_folder, out) == 1
     assert "already exists; pass --force" in capsys.readouterr().err and (out / "old.txt").exists()
+    # A folder the converter did not write is never replaced, not even with --force.
+    assert _convert_authors(authors_folder, out, "--force") == 1
+    assert "has no .mudd-output.json marker" in capsys.readouterr().err and (out / "old.txt").exists()
+    shutil.rmtree(out)
+    assert _convert_authors(authors_folder, out) == 0
+    (out / "old.txt").write_text("old")
     assert _convert_authors(authors_folder, out, "--force") == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists() and leftovers(tmp_path) == []
     assert _convert_authors(authors_folder, authors_folder / "..", "--force") == 1
@@ -458,8 +465,8 @@ def test_existing_output_needs_force(authors_folder, tmp_path, capsys):
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_interrupt_mid_way_leaves_no_partial_output(authors_folder, tmp_path, capsys, monkeypatch, how):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    assert _convert_authors(authors_folder, out) == 0  # an earlier output of the converter: --force may replace it
+    before = sorted(p.name for p in out.iterdir())
     original, calls = ShardedSafetensorsWriter.write, []
 
     def interrupted_write(self, name, tensor):
@@ -473,7 +480,7 @@ def test_interrupt_mid_way_leaves_no_partial_output(authors_folder, tmp_path, ca
     monkeypatch.setattr(ShardedSafetensorsWriter, "write", interrupted_write)
     assert _convert_authors(authors_folder, out, "--force", "--max-shard-size", "10KB") == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and leftovers(tmp_path) == []
+    assert sorted(p.name for p in out.iterdir()) == before and leftovers(tmp_path) == []
 
 
 def test_missing_tensorstore_or_unfinished_checkpoint_is_explained(tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from convert_fixtures import Shapes, pax_tensors  # noqa: E402
 from test_muddvit import synthetic_npz_arrays, write_npz  # noqa: E402
 
-from modeling_muddpythia import convert  # noqa: E402
+from modeling_muddpythia import cli_convert  # noqa: E402
 
 
 def test_vit_npz_folder_gets_a_model_card_that_says_what_it_is(tmp_path):
@@ -33,7 +33,7 @@ def test_a_converted_folder_without_tokenizer_gets_a_warning(tmp_path, capsys):
     shapes = Shapes()
     source = tmp_path / "pax.npz"
     np.savez(source, **{name: t.float().numpy() for name, t in pax_tensors(shapes).items()})
-    status = convert.main(["--format", "pax", "--input", str(source), "--output", str(tmp_path / "out"),
+    status = cli_convert.main(["--format", "pax", "--input", str(source), "--output", str(tmp_path / "out"),
                            "--config", '{"vocab_size": %d}' % shapes.vocab])
     assert status == 0
     err = capsys.readouterr().err

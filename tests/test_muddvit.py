@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import AutoModelForImageClassification, ViTConfig, ViTForImage
 from modeling_muddpythia import MUDDViTConfig, MUDDViTForImageClassification, MUDDViTModel, muddify
 from modeling_muddpythia.convert_vit_npz import CheckpointError, convert_vit_npz, main as convert_main
 from modeling_muddpythia.modeling_muddvit import build_image_processor
+from modeling_muddpythia.safe_output import OutputError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mudd_reference import randomize_  # noqa: E402
@@ -378,7 +380,7 @@ def test_vit_npz_conversion_matches_reference(tmp_path):
     arrays = synthetic_npz_arrays()
     out = convert_vit_npz(write_npz(tmp_path / "vit.npz", arrays), tmp_path / "converted")
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "configuration_mudd.py", "configuration_muddvit.py", "model.safetensors",
+        ".mudd-output.json", "README.md", "config.json", "configuration_mudd.py", "configuration_muddvit.py", "model.safetensors",
         "modeling_mudd_decoder.py", "modeling_muddvit.py", "mudd.py", "mudd_triton.py", "preprocessor_config.json",
     ]
     model = AutoModelForImageClassification.from_pretrained(out).eval()
@@ -488,7 +490,13 @@ def test_vit_npz_existing_output_and_failed_writes(tmp_path, monkeypatch):
     (out / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match="force"):
         convert_vit_npz(npz, out)
-    assert (out / "keep.txt").read_text() == "old"
+    with pytest.raises(OutputError, match="has no .mudd-output.json marker"):  # not the converter's: never replaced
+        convert_vit_npz(npz, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    shutil.rmtree(out)
+    convert_vit_npz(npz, out)
+    (out / "keep.txt").write_text("old")
+    before = sorted(p.name for p in out.iterdir())
 
     def failing_save(self, folder, *args, **kwargs):
         (Path(folder) / "model.safetensors").write_bytes(b"partial")
@@ -500,7 +508,7 @@ def test_vit_npz_existing_output_and_failed_writes(tmp_path, monkeypatch):
             convert_vit_npz(npz, out, force=True)
         with pytest.raises(OSError, match="disk full"):
             convert_vit_npz(npz, tmp_path / "fresh")
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # the old folder survives a failed replacement
+    assert sorted(p.name for p in out.iterdir()) == before  # the old folder survives a failed replacement
     assert not (tmp_path / "fresh").exists() and _leftovers(tmp_path) == []
 
     convert_vit_npz(npz, out, force=True)
@@ -594,7 +602,7 @@ def test_trainer_fine_tuning_on_an_image_dataset(tmp_path, one_thread):
 
 
 def test_mudd_convert_cli_vit_npz_format(tmp_path, capsys):
-    from modeling_muddpythia.convert import main as convert_main
+    from modeling_muddpythia.cli_convert import main as convert_main
 
     arrays = synthetic_npz_arrays()
     npz = write_npz(tmp_path / "vit.npz", arrays)

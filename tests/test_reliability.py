@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from convert_fixtures import PAX, Shapes, authors_tensors, pax_tensors
 from test_convert import cast, leftovers, write_authors
 from modeling_muddpythia import convert_io
-from modeling_muddpythia.convert import main as convert_main
+from modeling_muddpythia.cli_convert import main as convert_main
 from modeling_muddpythia.convert_io import ShardedSafetensorsWriter, open_safetensors
 from modeling_muddpythia.safe_output import Claim
 
@@ -190,7 +190,7 @@ def test_two_concurrent_processes_one_wins_the_other_fails_clearly(source, tmp_p
     script = (
         "import os, sys, time\n"
         "from modeling_muddpythia import convert_io\n"
-        "from modeling_muddpythia.convert import main\n"
+        "from modeling_muddpythia.cli_convert import main\n"
         "original = convert_io.ShardedSafetensorsWriter.write\n"
         "def paused(self, name, tensor):\n"
         f"    while not os.path.exists({str(go)!r}):\n"
@@ -224,11 +224,18 @@ def test_stale_lock_file_and_partial_folders_of_dead_runs_are_cleaned(source, tm
     stale = tmp_path / ".out.partial-4242-deadbeef"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
+    (stale / ".mudd-claim.json").write_text('{"claimed_by": "mudd-convert", "pid": 4242}')  # what a run writes first
     other = tmp_path / ".other.partial-1-aa"  # another output's leftovers are not ours to remove
     other.mkdir()
+    # Siblings the user made, whatever their names, carry no claim marker and stay.
+    user_made = [".out.old-1", ".out.tmp-2", ".out.partial-7-user", ".out.replaced-8-user"]
+    for name in user_made:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "precious.txt").write_text("mine")
     assert authors(source, out) == 0
     assert f"removed {stale}, left behind by an interrupted run" in capsys.readouterr().err
-    assert leftovers(tmp_path) == [".other.partial-1-aa"]
+    assert leftovers(tmp_path) == sorted([".other.partial-1-aa", *user_made])
+    assert all((tmp_path / name / "precious.txt").read_text() == "mine" for name in user_made)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -326,7 +333,7 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(source, tmp_path):
 UNPRIVILEGED = """
 import json, os, sys
 from pathlib import Path
-from modeling_muddpythia.convert import main
+from modeling_muddpythia.cli_convert import main
 root = Path(sys.argv[1])
 results = {}
 def run(name, *args):

@@ -8,9 +8,22 @@ from transformers.activations import ACT2FN
 from .mudd import STREAM_NAMES, reallocated_ffn_width
 
 
+# Upper bounds on sizes, far above any released model: a crafted config is refused at once, naming the field,
+# instead of building (or looping over) an absurd model.
+SIZE_LIMITS = {
+    "vocab_size": 2**22, "hidden_size": 2**17, "num_hidden_layers": 2**12, "num_attention_heads": 2**12,
+    "num_key_value_heads": 2**12, "head_dim": 2**14, "intermediate_size": 2**20, "max_position_embeddings": 2**27,
+    "num_channels": 2**10, "image_size": 2**16, "patch_size": 2**16, "num_labels": 2**22,
+}
+
+
 def _check_positive_int(name: str, value) -> None:
+    """A positive integer, at most `SIZE_LIMITS[name]` when the field has a limit."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    limit = SIZE_LIMITS.get(name)
+    if limit is not None and value > limit:
+        raise ValueError(f"`{name}` is {value}, above the limit of {limit}: the config is corrupt or crafted")
 
 
 def _check_bool(name: str, value) -> None:
@@ -192,10 +205,9 @@ class MUDDDecoderConfig(PreTrainedConfig):
                 f"`rope_parameters['partial_rotary_factor']` ({factor}) times the head dim "
                 f"({self.attention_head_dim}) gives {self.rotary_ndims} rotary dims; it must be a positive even number"
             )
-        for layer_idx in range(self.num_hidden_layers):
-            width = self.ffn_width(layer_idx)
-            if width <= 0:
-                raise ValueError(
-                    f"`intermediate_size` ({self.intermediate_size}) is too small for `ffn_width_reallocation`: "
-                    f"layer {layer_idx} would get an FFN of width {width}"
-                )
+        width = self.ffn_width(0)  # the width grows with depth: the first layer's is the smallest
+        if width <= 0:
+            raise ValueError(
+                f"`intermediate_size` ({self.intermediate_size}) is too small for `ffn_width_reallocation`: "
+                f"layer 0 would get an FFN of width {width}"
+            )
