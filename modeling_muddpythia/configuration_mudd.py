@@ -135,6 +135,11 @@ class MUDDDecoderConfig(PreTrainedConfig):
         self._validate_sizes()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_mudd()
+        if not use_qk_norm:  # no qk-norms to plan for (transformers warns about rules that match nothing)
+            self.base_model_tp_plan = {
+                name: style for name, style in type(self).base_model_tp_plan.items()
+                if not name.endswith(("q_norm", "k_norm"))
+            }
 
     # ------------------------------------------------------------------ derived values
     @property
