@@ -2,8 +2,9 @@
 `torchrun --nproc-per-node 2` on CPU (gloo), against the same folder in one process.
 
 Two torchrun launches (tests/tp_worker.py): the folders as remote code in processes where the installed package cannot
-be imported (a MUDDPythia with biases and qk-norm, a MUDDFormer with GQA and a gated FFN, the shipped depth-8 folder),
-and the same two families through the installed package, with one training step.
+be imported (a MUDDPythia with biases and qk-norm, a MUDDFormer with GQA and a gated FFN, the shipped depth-8 folder,
+a folder converted from the authors' Pax layout), and the first two through the installed package, with one training
+step.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from modeling_muddpythia import MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM
+from modeling_muddpythia import (
+    MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM, convert,
+)
 
 from benchmarks.families import randomize_dense_connections_
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_fixtures import Shapes, pax_tensors  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +50,11 @@ def _small_models() -> dict[str, torch.nn.Module]:
     for seed, model in enumerate((pythia, former)):
         randomize_dense_connections_(model, seed=seed)  # streams that really differ from the residual
     return {"tp-muddpythia": pythia.eval(), "tp-muddformer": former.eval()}
+
+
+def _shard_size(size: int, rank: int) -> int:
+    chunk = -(-size // WORLD_SIZE)
+    return max(0, min(chunk, size - rank * chunk))
 
 
 def _free_port() -> int:
@@ -74,6 +86,13 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(root / name)
         paths[name] = root / name
     paths["depth8-muddpythia"] = Path(shutil.copytree(SHIPPED, root / "depth8-muddpythia"))
+    # A folder converted from the authors' Pax layout (vocabulary 61: the vocab-sharded weights split unevenly).
+    shapes = Shapes()
+    source = root / "pax.npz"
+    np.savez(source, **{name: tensor.float().numpy() for name, tensor in pax_tensors(shapes).items()})
+    paths["converted-pax"] = root / "converted-pax"
+    assert convert.main(["--format", "pax", "--input", str(source), "--output", str(paths["converted-pax"]),
+                         "--config", json.dumps({"vocab_size": shapes.vocab})]) == 0
     for index, path in enumerate(paths.values()):
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         torch.save(torch.randint(1, vocab, (2, 9), generator=torch.Generator().manual_seed(index)), path / "ids.pt")
@@ -119,19 +138,21 @@ def _check_inference(ranks: list[dict], folder: Path) -> None:
             module_name, param_name = name.rsplit(".", 2)[-2:]
             full = list(full_shapes[name])
             if param_name == "weight" and module_name in SHARD_DIM:
-                full[SHARD_DIM[module_name]] //= WORLD_SIZE
+                dim = SHARD_DIM[module_name]
                 sharded += 1
-            elif param_name == "bias" and SHARD_DIM.get(module_name) == 0:
-                full[0] //= WORLD_SIZE
-            elif module_name in ("lm_head", "embed_tokens"):
-                full[0] //= WORLD_SIZE
+            elif (param_name == "bias" and SHARD_DIM.get(module_name) == 0) or module_name in ("lm_head", "embed_tokens"):
+                dim = 0
+            else:
+                dim = None
+            if dim is not None:  # `torch.chunk` sizes: an odd size leaves the last rank one row short
+                full[dim] = _shard_size(full[dim], rank)
             assert list(local_shape) == full, (rank, name, local_shape, full_shapes[name])
         # every attention and FFN projection of every layer is sharded
         mlp_projections = 3 if "gate_proj" in str(result["shapes"]) else 2
         assert sharded == model.config.num_hidden_layers * (4 + mlp_projections), sharded
 
 
-@pytest.mark.parametrize("name", ["tp-muddpythia", "tp-muddformer", "depth8-muddpythia"])
+@pytest.mark.parametrize("name", ["tp-muddpythia", "tp-muddformer", "depth8-muddpythia", "converted-pax"])
 def test_remote_code_tp_matches_one_process(name, folders, remote_results):
     ranks = _ranks(remote_results, name)
     assert all(result["module"].startswith("transformers_modules") for result in ranks)
