@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from modeling_muddpythia import (
     MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM, convert,
@@ -36,6 +37,7 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 SHIPPED = REPO / "checkpoints" / "depth8-muddpythia"
 VOCAB = 96
 WORLD_SIZE = 2
+LEARNING_RATE = 0.1  # tp_worker.py's SGD step
 # Sharding dim of each planned weight (colwise: output features; rowwise: input features; embedding/lm_head: vocab).
 # Biases: colwise ones are split like their weight, rowwise ones are replicated (added once after the reduction).
 SHARD_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "up_proj": 0, "gate_proj": 0, "o_proj": 1, "down_proj": 1}
@@ -159,6 +161,17 @@ def test_remote_code_tp_matches_one_process(name, folders, remote_results):
     _check_inference(ranks, folders[name])
 
 
+@pytest.mark.parametrize("name", ["tp-muddpythia", "tp-muddformer", "depth8-muddpythia", "converted-pax"])
+def test_save_pretrained_under_tp_writes_the_full_model(name, folders, remote_results):
+    """`save_pretrained` on the sharded model (every rank calls it) writes the unsharded weights and the code files."""
+    saved = remote_results / f"{name}-saved"
+    original_tensors, saved_tensors = (load_file(path / "model.safetensors") for path in (folders[name], saved))
+    assert saved_tensors.keys() == original_tensors.keys()
+    for key, tensor in original_tensors.items():
+        assert torch.equal(saved_tensors[key], tensor), key
+    assert {path.name for path in folders[name].glob("*.py")} <= {path.name for path in saved.glob("*.py")}
+
+
 @pytest.mark.parametrize("name", ["tp-muddpythia", "tp-muddformer"])
 def test_package_tp_matches_one_process(name, folders, package_results):
     ranks = _ranks(package_results, name)
@@ -169,8 +182,8 @@ def test_package_tp_matches_one_process(name, folders, package_results):
 @pytest.mark.parametrize("name", ["tp-muddpythia", "tp-muddformer"])
 def test_tp_training_step_gives_one_process_gradients(name, folders, package_results):
     """One backward pass under TP: the loss and every gradient as in one process, and the replicated parameters
-    (dense connections, stream norms, qk-norms, final norm) get the same gradient on every rank, so that an
-    optimizer step keeps them replicated."""
+    (dense connections, stream norms, qk-norms, final norm) get the same gradient on every rank; after an SGD step
+    they are still equal on every rank and the logits are those of the same step in one process."""
     ranks = _ranks(package_results, name)
     model = _one_process(folders[name]).train()
     ids = torch.load(folders[name] / "ids.pt")
@@ -190,3 +203,14 @@ def test_tp_training_step_gives_one_process_gradients(name, folders, package_res
             assert torch.equal(result["replicated_grads"][param_name], ranks[0]["replicated_grads"][param_name]), (
                 rank, param_name
             )
+            assert torch.equal(result["replicated_after_step"][param_name],
+                               ranks[0]["replicated_after_step"][param_name]), (rank, param_name)
+    # the SGD step the worker took, in one process
+    model.eval()
+    with torch.no_grad():
+        before_step = model(ids).logits
+        torch.optim.SGD(model.parameters(), lr=LEARNING_RATE).step()
+        after_step = model(ids).logits
+    assert (after_step - before_step).abs().max().item() > 1e-2  # the step changes the model noticeably
+    for result in ranks:
+        assert (result["logits_after_step"] - after_step).abs().max().item() < 1e-4

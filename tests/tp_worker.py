@@ -5,8 +5,9 @@
 Each FOLDER (a saved MUDD causal LM plus `ids.pt`) is loaded with `distributed_config=DistributedConfig(tp_plan=
 "auto")`: as remote code in a process where the installed package cannot be imported (`remote`), or through the
 installed package (`package`). Every rank writes `OUT_DIR/<folder name>.rank<r>.pt` with what the test compares
-against one process: logits, greedy tokens, the local shapes of the sharded weights and, with `--train`, the loss
-and every parameter's gradient after one backward pass.
+against one process: logits, greedy tokens, the local shapes of the sharded weights (and `save_pretrained` writes
+`OUT_DIR/<folder name>-saved`) and, with `--train`, the loss
+and every parameter's gradient after one backward pass, then the logits and replicated parameters after an SGD step.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if mode == "package":
     modeling_muddpythia.load_package()
 
 torch.manual_seed(0)  # every rank must hold the same replicated parameters and draw nothing else
+LEARNING_RATE = 0.1
 SHARDED = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
 
 
@@ -57,6 +59,8 @@ for folder in folders:
         if name.rsplit(".", 2)[-2] in SHARDED or name.startswith("lm_head") or name.endswith("embed_tokens.weight")
     }
     result = {"logits": logits, "generated": generated, "shapes": shapes, "module": module}
+    folder_name = folder.rstrip("/").rsplit("/", 1)[-1]
+    model.save_pretrained(f"{out_dir}/{folder_name}-saved")  # gathers the shards; every rank must call it
     if train:
         model.train()
         loss = model(ids, labels=ids, use_cache=False).loss
@@ -69,8 +73,15 @@ for folder in folders:
         result["sharded_grads"] = {
             name: param.grad.full_tensor() for name, param in model.named_parameters() if isinstance(param, DTensor)
         }
+        torch.optim.SGD(model.parameters(), lr=LEARNING_RATE).step()
+        model.eval()
+        with torch.no_grad():
+            result["logits_after_step"] = local(model(ids).logits)
+        result["replicated_after_step"] = {
+            name: param.detach().clone() for name, param in model.named_parameters() if not isinstance(param, DTensor)
+        }
     rank = dist.get_rank()
-    torch.save(result, f"{out_dir}/{folder.rstrip('/').rsplit('/', 1)[-1]}.rank{rank}.pt")
+    torch.save(result, f"{out_dir}/{folder_name}.rank{rank}.pt")
     dist.barrier()
 
 dist.destroy_process_group()
