@@ -17,7 +17,8 @@ the same rules here (empty list = the folder meets them):
 `--dry-run` checks the contract and then runs the model the way vLLM calls it: one packed `[1, tokens]` sequence,
 `use_cache=False`, `position_ids`, `attention_instances` in the keyword arguments, and an attention function with
 vLLM's signature and output layout (`[tokens, heads * head_dim]`) registered as the implementation; the hidden states
-must equal eager attention's. The GPU run needs a CUDA machine with `pip install vllm`; it exits non-zero when any
+must equal eager attention's; and it computes transformers' greedy tokens for the prompts, the reference of the
+GPU run. The GPU run needs a CUDA machine with `pip install vllm`; it exits non-zero when any
 prompt's greedy tokens differ.
 """
 
@@ -198,8 +199,9 @@ def _transformers_greedy(folder: str, prompts, max_tokens: int, dtype: torch.dty
     return tokens
 
 
-def dry_run(folder: str) -> dict:
-    """Contract and calling convention on CPU; raises `SystemExit` naming what fails."""
+def dry_run(folder: str, num_prompts: int, max_tokens: int) -> dict:
+    """Everything but vLLM, on CPU: the contract, vLLM's calling convention, and the transformers side of the
+    comparison (greedy tokens for the same prompts); raises `SystemExit` naming what fails."""
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging
 
@@ -218,8 +220,10 @@ def dry_run(folder: str) -> dict:
     if difference > 1e-4 or calls != [1] * len(calls) or scales != {config.head_dim**-0.5}:
         raise SystemExit(f"vLLM-style call differs from eager by {difference:.3g} (calls per layer: {calls}, "
                          f"scales: {sorted(scales)})")
+    expected = _transformers_greedy(folder, _prompts(config.vocab_size, num_prompts), max_tokens, torch.float32, "cpu")
     return {"folder": folder, "dry_run": True, "contract": "ok", "vllm_style_max_abs_diff": difference,
-            "attention_layers": len(instances)}
+            "attention_layers": len(instances), "prompts": num_prompts,
+            "transformers_tokens": sum(len(tokens) for tokens in expected)}
 
 
 def gpu_run(args) -> dict:
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    result = dry_run(args.folder) if args.dry_run else gpu_run(args)
+    result = dry_run(args.folder, args.prompts, args.max_tokens) if args.dry_run else gpu_run(args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

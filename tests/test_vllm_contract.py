@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import textwrap
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from modeling_muddpythia import (
 )
 
 from benchmarks.families import randomize_dense_connections_
-from benchmarks.gpu_vllm import attention_modules, contract_problems, dry_run, interface_calls, run_like_vllm
+from benchmarks.gpu_vllm import attention_modules, contract_problems, interface_calls, run_like_vllm
+from benchmarks.gpu_vllm import main as gpu_vllm_main
 
 
 VOCAB = 80
@@ -92,9 +94,14 @@ def test_package_classes_meet_the_source_contract(name, tmp_path):
     assert contract_problems(base) == []
 
 
-def test_shipped_folder_passes_the_dry_run():
-    result = dry_run(str(Path(__file__).resolve().parents[1] / "checkpoints" / "depth8-muddpythia"))
-    assert result["contract"] == "ok" and result["attention_layers"] == 8
+def test_shipped_folder_passes_the_dry_run(tmp_path):
+    """`benchmarks/gpu_vllm.py --dry-run`: everything its GPU run does except vLLM itself."""
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "depth8-muddpythia"
+    status = gpu_vllm_main([str(folder), "--dry-run", "--prompts", "2", "--max-tokens", "3", "--out",
+                            str(tmp_path / "result.json")])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert status == 0 and result["contract"] == "ok" and result["attention_layers"] == 8
+    assert result["vllm_style_max_abs_diff"] < 1e-4 and result["transformers_tokens"] == 2 * 3
 
 
 @pytest.mark.parametrize("name", ["muddpythia", "muddformer"])
