@@ -221,9 +221,16 @@ class MUDDAttention(MUDDStreamAttention):
     def project_heads(self, query_input, key_input, value_input, position_embeddings, past_key_values):
         """See `MUDDStreamAttention.project_heads`; heads reshaped with -1 (a tensor-parallel rank holds a share)."""
         input_shape = query_input.shape[:-1]
-        query = self.q_proj(query_input).view(*input_shape, -1, self.head_dim)
-        key = self.k_proj(key_input).view(*input_shape, -1, self.head_dim)
-        value = self.v_proj(value_input).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        query, key, value = self.q_proj(query_input), self.k_proj(key_input), self.v_proj(value_input)
+        if query.shape[-1] % self.head_dim or key.shape[-1] % self.head_dim:
+            raise ValueError(
+                f"layer {self.layer_idx} projects to {query.shape[-1]} query and {key.shape[-1]} key features, not whole "
+                f"heads of {self.head_dim}: under tensor parallelism the number of ranks must divide "
+                f"num_attention_heads ({self.num_heads}) and num_key_value_heads ({self.num_key_value_heads})"
+            )
+        query = query.view(*input_shape, -1, self.head_dim)
+        key = key.view(*input_shape, -1, self.head_dim)
+        value = value.view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
         cos, sin = position_embeddings

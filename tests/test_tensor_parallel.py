@@ -214,3 +214,14 @@ def test_tp_training_step_gives_one_process_gradients(name, folders, package_res
     assert (after_step - before_step).abs().max().item() > 1e-2  # the step changes the model noticeably
     for result in ranks:
         assert (result["logits_after_step"] - after_step).abs().max().item() < 1e-4
+
+
+def test_a_rank_count_that_splits_heads_is_named():
+    """What a rank holds when the rank count does not divide the heads (3 ranks, 4 heads of 16: 22 query features)
+    gives an error naming the cause instead of a failed reshape."""
+    model = _small_models()["tp-muddformer"]
+    attention = model.model.layers[0].self_attn
+    attention.q_proj = torch.nn.Linear(64, 22, bias=False)
+    with pytest.raises(ValueError, match=r"layer 0 projects to 22 query and 32 key features, not whole heads of 16: "
+                                         r"under tensor parallelism the number of ranks must divide"):
+        model(torch.tensor([[1, 2, 3]]))
