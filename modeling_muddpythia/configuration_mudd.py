@@ -61,6 +61,20 @@ class MUDDDecoderConfig(PreTrainedConfig):
     """
 
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun), as transformers' Llama/Qwen3 do it:
+    # heads and FFN columns split across ranks. Everything not named is replicated: the dense connections and the
+    # stream norms mix full hidden states on every rank. The qk-norms are replicated too, but each rank's gradient of
+    # their weight covers only its own heads, so it is summed across ranks.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
 
     def __init__(
         self,
@@ -134,6 +148,11 @@ class MUDDDecoderConfig(PreTrainedConfig):
         self._validate_sizes()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_mudd()
+        if not use_qk_norm:  # no qk-norms to plan for (transformers warns about rules that match nothing)
+            self.base_model_tp_plan = {
+                name: style for name, style in type(self).base_model_tp_plan.items()
+                if not name.endswith(("q_norm", "k_norm"))
+            }
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -42,6 +42,7 @@ class MUDDFormerConfig(MUDDDecoderConfig):
 
     model_type = "muddformer"
     attribute_map = {"norm_eps": "rms_norm_eps"}
+    base_model_tp_plan = {**MUDDDecoderConfig.base_model_tp_plan, "layers.*.mlp.gate_proj": "colwise"}
 
     def __init__(
         self,

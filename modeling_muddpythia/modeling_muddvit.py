@@ -10,7 +10,6 @@ query, key, value and residual inputs of the next block. Blocks are the shared M
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +17,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_muddvit import MUDDViTConfig
-from .modeling_mudd_decoder import (
-    MUDDAutoMapMixin, MUDDDecoderLayer, attend_and_project, eager_attention_forward, run_mudd_blocks,
-)
+from .modeling_mudd_decoder import MUDDAutoMapMixin, MUDDDecoderLayer, MUDDStreamAttention, run_mudd_blocks
 from .mudd import MUDDDenseConnections, init_dense_connection_
 
 
@@ -118,8 +114,8 @@ class MUDDViTEmbeddings(nn.Module):
         return self.dropout(embeddings)
 
 
-class MUDDViTAttention(nn.Module):
-    """Bidirectional multi-head self-attention whose query, key and value come from three input streams."""
+class MUDDViTAttention(MUDDStreamAttention):
+    """Bidirectional multi-head self-attention over three input streams (the forward is the shared one)."""
 
     def __init__(self, config: MUDDViTConfig, layer_idx: int):
         super().__init__()
@@ -136,34 +132,14 @@ class MUDDViTAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, hidden, bias=config.qkv_bias)
         self.o_proj = nn.Linear(hidden, hidden, bias=True)
 
-    def forward(
-        self,
-        query_input: torch.Tensor,
-        key_input: torch.Tensor,
-        value_input: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings=None,
-        past_key_values=None,
-        output_attentions: bool = False,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inputs `[batch, seq, hidden]` (already normed); returns `([batch, seq, hidden], probabilities or None)`.
-
-        `position_embeddings` and `past_key_values` belong to the decoders' interface of the shared block and are
-        always None here. With `output_attentions` the eager path runs, whatever `attn_implementation` is, so that
-        the probabilities `[batch, heads, seq, seq]` exist.
-        """
+    def project_heads(self, query_input, key_input, value_input, position_embeddings=None, past_key_values=None):
+        """Streams `[batch, seq, hidden]` -> `[batch, heads, seq, head_dim]` each. No rotary and no cache:
+        `position_embeddings` and `past_key_values` belong to the decoders' interface and are always None here."""
         hidden_shape = (*query_input.shape[:-1], -1, self.head_dim)
         query = self.q_proj(query_input).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(key_input).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(value_input).view(hidden_shape).transpose(1, 2)
-
-        attention_interface: Callable = eager_attention_forward
-        if not output_attentions:
-            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-        return attend_and_project(self, attention_interface, query, key, value, attention_mask, **kwargs)
+        return query, key, value
 
 
 class MUDDViTMLP(nn.Module):

@@ -141,38 +141,66 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def attend_and_project(
-    module: nn.Module,
-    attention_interface: Callable,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of `[batch, heads, seq, head_dim]` query/key/value with `attention_interface` (the caller resolves
-    it from `ALL_ATTENTION_FUNCTIONS`, which is what lets transformers switch implementations at run time), then
-    `module.o_proj`.
+class MUDDStreamAttention(nn.Module):
+    """Multi-head attention whose query, key and value come from three input streams: the forward both families share.
 
-    `module` gives `scaling`, `attention_dropout`, `num_key_value_groups`, `is_causal` and `o_proj`. Returns
-    (`[batch, seq, hidden]`, probabilities `[batch, heads, seq, kv_seq]` or None).
+    A subclass sets `config`, `layer_idx`, `head_dim`, `scaling`, `attention_dropout`, `num_key_value_groups`,
+    `is_causal` and `o_proj`, and implements `project_heads`. `forward` makes the one call of the attention interface
+    (resolved from `ALL_ATTENTION_FUNCTIONS` at run time, which is what lets transformers switch implementations and
+    lets vLLM's Transformers backend plug in its own, reading `scaling=self.scaling` and the integer `layer_idx`);
+    extra keyword arguments (`attention_instances`, packed-sequence metadata, ...) reach the interface unchanged.
     """
-    attn_output, attn_weights = attention_interface(
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=module.attention_dropout if module.training else 0.0,
-        scaling=module.scaling,
+
+    def project_heads(
+        self,
+        query_input: torch.Tensor,
+        key_input: torch.Tensor,
+        value_input: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        past_key_values: Cache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Streams `[batch, seq, hidden]` -> query `[batch, heads, seq, head_dim]` and key, value
+        `[batch, kv_heads, kv_seq, head_dim]` (after the cache update, where there is one)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        query_input: torch.Tensor,
+        key_input: torch.Tensor,
+        value_input: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        output_attentions: bool = False,
         **kwargs,
-    )
-    attn_output = attn_output.reshape(*attn_output.shape[:2], -1).contiguous()
-    return module.o_proj(attn_output), attn_weights
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inputs `[batch, seq, hidden]` (already normed); returns `([batch, seq, hidden], probabilities or None)`.
+
+        With `output_attentions` the eager path runs, whatever `attn_implementation` is, so that the probabilities
+        `[batch, heads, seq, kv_seq]` exist.
+        """
+        input_shape = query_input.shape[:-1]
+        query, key, value = self.project_heads(query_input, key_input, value_input, position_embeddings, past_key_values)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        # Heads as -1: under tensor parallelism a rank holds only its share of them. `input_shape`, not the output's
+        # leading dims: an interface may return the heads flattened (vLLM's returns `[tokens, heads * head_dim]`).
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
 
 
-class MUDDAttention(nn.Module):
-    """Causal self-attention whose query, key and value come from three different input streams."""
+class MUDDAttention(MUDDStreamAttention):
+    """Causal self-attention over three input streams, with qk-norm, partial rotary, GQA and a KV cache."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -196,34 +224,27 @@ class MUDDAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(
-        self,
-        query_input: torch.Tensor,
-        key_input: torch.Tensor,
-        value_input: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Inputs `[batch, seq, hidden]` (already normed); returns `([batch, seq, hidden], attn weights or None)`."""
+    def project_heads(self, query_input, key_input, value_input, position_embeddings, past_key_values):
+        """See `MUDDStreamAttention.project_heads`; heads reshaped with -1 (a tensor-parallel rank holds a share)."""
         input_shape = query_input.shape[:-1]
-        query = self.q_proj(query_input).view(*input_shape, -1, self.head_dim)
-        key = self.k_proj(key_input).view(*input_shape, -1, self.head_dim)
-        value = self.v_proj(value_input).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        query, key, value = self.q_proj(query_input), self.k_proj(key_input), self.v_proj(value_input)
+        if query.shape[-1] % self.head_dim or key.shape[-1] % self.head_dim:
+            raise ValueError(
+                f"layer {self.layer_idx} projects to {query.shape[-1]} query and {key.shape[-1]} key features, not whole "
+                f"heads of {self.head_dim}: under tensor parallelism the number of ranks must divide "
+                f"num_attention_heads ({self.num_heads}) and num_key_value_heads ({self.num_key_value_heads})"
+            )
+        query = query.view(*input_shape, -1, self.head_dim)
+        key = key.view(*input_shape, -1, self.head_dim)
+        value = value.view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
         cos, sin = position_embeddings
         query = apply_partial_rotary(query.transpose(1, 2), cos, sin)
         key = apply_partial_rotary(key.transpose(1, 2), cos, sin)
-
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        return attend_and_project(self, attention_interface, query, key, value, attention_mask, **kwargs)
+        return query, key, value
 
 
 class MUDDDecoderLayer(GradientCheckpointingLayer):
@@ -511,6 +532,7 @@ class MUDDDecoderForCausalLM(MUDDDecoderPreTrainedModel, GenerationMixin):
     """A MUDD decoder with an (untied by default) LM head. Family subclasses set `base_model_class`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     base_model_class: type[MUDDDecoderModel] = MUDDDecoderModel
 
     def __init__(self, config):
