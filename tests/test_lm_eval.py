@@ -115,7 +115,8 @@ def test_tokenizer_loads_offline_and_round_trips(folders):
     text = "recall k3 v17 k9 v2 ; k9 v2 . copy A Q = A Q . alice gave the red ball to bob . 3 plus 4 is 7 ."
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.unk_token_id not in ids and len(ids) == len(text.split())
-    assert tokenizer.decode(ids) == text
+    # decoding writes a space before every word (see synthetic.build_tokenizer), the text's first one included
+    assert tokenizer.decode(ids) == " " + text
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 0, 1)
     assert tokenizer("zebra")["input_ids"] == [tokenizer.unk_token_id]
 

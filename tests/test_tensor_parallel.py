@@ -22,9 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_muddpythia import (
-    MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM, convert,
-)
+from modeling_muddpythia import MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM
+from modeling_muddpythia.cli_convert import main as convert_main
 
 from benchmarks.families import randomize_dense_connections_
 
@@ -93,7 +92,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     source = root / "pax.npz"
     np.savez(source, **{name: tensor.float().numpy() for name, tensor in pax_tensors(shapes).items()})
     paths["converted-pax"] = root / "converted-pax"
-    assert convert.main(["--format", "pax", "--input", str(source), "--output", str(paths["converted-pax"]),
+    assert convert_main(["--format", "pax", "--input", str(source), "--output", str(paths["converted-pax"]),
                          "--config", json.dumps({"vocab_size": shapes.vocab})]) == 0
     for index, path in enumerate(paths.values()):
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
