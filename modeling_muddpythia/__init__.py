@@ -1,8 +1,8 @@
 """MUDD (multiway dynamic dense) models for Hugging Face transformers.
 
 Importing the package registers the MUDD configs and models with transformers' Auto classes. The one exception is
-the commands `mudd`, `mudd-convert` and `mudd-finetune` (also as `python -m modeling_muddpythia.cli`, `.cli_convert`,
-`.cli_finetune`): they parse their arguments first, so that `--help` answers without importing torch and
+the commands `mudd`, `mudd-convert`, `mudd-finetune` and `mudd-pretrain` (also as `python -m
+modeling_muddpythia.cli`, `.cli_convert`, `.cli_finetune`, `.cli_pretrain`): they parse their arguments first, so that `--help` answers without importing torch and
 transformers (seconds), and then load what they need.
 """
 
@@ -60,7 +60,8 @@ def __dir__():
 
 
 # The commands that parse their arguments before the package is loaded, as console scripts and as `-m` modules.
-_LIGHT_COMMANDS = {"mudd": "cli", "mudd-convert": "cli_convert", "mudd-finetune": "cli_finetune"}
+_LIGHT_COMMANDS = {"mudd": "cli", "mudd-convert": "cli_convert", "mudd-finetune": "cli_finetune",
+                   "mudd-pretrain": "cli_pretrain"}
 
 
 def _started_as_mudd_command() -> bool:

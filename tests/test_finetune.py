@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from modeling_muddpythia import MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM
-from modeling_muddpythia import finetune
+from modeling_muddpythia import finetune, training
 from modeling_muddpythia.finetune import (
     LORA_TARGET_MODULES,
     CausalLMPaddingCollator,
@@ -341,10 +341,10 @@ def test_bf16_autocast_training_matches_float32_gradients():
 
 def test_bf16_flag_falls_back_to_float32_with_a_message(workspace, tmp_path, monkeypatch, capsys):
     args = build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path, "--bf16"))
-    monkeypatch.setattr(finetune, "bf16_supported", lambda use_cpu: False)
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: False)
     assert training_arguments(args).bf16 is False
     assert "no native bfloat16 support; training in float32" in capsys.readouterr().err
-    monkeypatch.setattr(finetune, "bf16_supported", lambda use_cpu: True)
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: True)
     assert training_arguments(args).bf16 is True
     assert training_arguments(build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path))).bf16 is False
 
@@ -445,14 +445,10 @@ def test_rejected_option_combinations(workspace, tmp_path):
     def build(*extra):
         return build_trainer(build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path, *extra)))
 
-    with pytest.raises(ValueError, match="--merge-lora and --lora-freeze-dense need --lora"):
-        build("--merge-lora")
     with pytest.raises(ValueError, match="--fsdp needs GPUs"):  # accelerate would silently run DDP on CPU
         build("--fsdp")
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         build("--max-length", 65)
-    with pytest.raises(ValueError, match="--max-length must be at least 2"):
-        build("--max-length", 1)
 
 
 # --------------------------------------------------------------------------- multi-process
@@ -603,20 +599,29 @@ def test_damaged_or_partial_checkpoints_are_skipped_and_the_choice_is_said(works
                                    "cannot resume from it: no trainer_state.json (a partial checkpoint: its save did not finish)"]
 
 
-def test_final_model_is_staged_and_moved_in_weights_last(workspace, tmp_path, monkeypatch):
+def test_final_model_is_staged_beside_the_output_and_published_in_one_rename(workspace, tmp_path, monkeypatch):
+    """The final model and this run's checkpoints are gathered in the staging folder beside the output, which then
+    takes the output's place: the folder changes in one rename, never file by file."""
     moves, real_replace = [], os.replace
 
     def replace(a, b):
-        moves.append(Path(b).name)
+        moves.append((Path(a).name, Path(b).name))
         real_replace(a, b)
 
-    monkeypatch.setattr(finetune.os, "replace", replace)
+    monkeypatch.setattr(training.os, "replace", replace)
+    monkeypatch.setattr("modeling_muddpythia.safe_output.os.replace", replace)
     output = tmp_path / "out"
-    train(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2))
-    final = [name for name in moves if name != finetune.CHECKPOINT_MANIFEST]
-    assert final[-1] == "model.safetensors" and {"config.json", "tokenizer.json", "trainer_state.json"} <= set(final)
-    assert not (output / finetune.FINAL_STAGING).exists()
-    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2, "--save-steps", 1)) == 0
+    structural = [move for move in moves if not move[0].startswith((".mudd", "."+finetune.CHECKPOINT_MANIFEST))]
+    staging = ".out.partial-final"
+    assert ("checkpoint-1", "checkpoint-1") in structural and ("checkpoint-2", "checkpoint-2") in structural
+    assert structural[-1] == (staging, "out")  # the last move publishes everything at once
+    assert not any(name == "model.safetensors" for move in structural for name in move)  # no file-by-file moves
+    names = {p.name for p in output.iterdir()}
+    assert {"checkpoint-1", "checkpoint-2", "config.json", "model.safetensors", "tokenizer.json",
+            "trainer_state.json"} <= names
+    assert sorted(name for name in names if name.startswith(".")) == [training.OWNER_MARKER]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, lock or replaced folder left
 
 
 def test_attention_mask_of_the_wrong_length_is_an_error():
