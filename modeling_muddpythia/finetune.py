@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
 from .modeling_mudd_decoder import MUDDDecoderForCausalLM
 from .mudd import MUDDDenseConnections
@@ -47,7 +47,7 @@ from .training import (  # noqa: F401  (public names)
     CHECKPOINT_MANIFEST, ChecksumCallback, FiniteWeightsCallback, GuardedTrainer, NonFiniteError, OwnedOutput,
     TrainingError, check_data_files as _check_data_files, check_output_clear, bounded_lines, check_tokenizer_fits, checkpoint_mismatch,
     checkpoint_problem, nonfinite_weights, resolve_checkpoint, run_command, training_arguments as _training_arguments,
-    write_checkpoint_manifest,
+    write_checkpoint_manifest, load_tokenizer,
 )
 
 
@@ -155,25 +155,6 @@ def check_model_folder(path: str | Path, what: str = "model folder") -> Path:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FinetuneError(f"{display(config)}: not valid JSON ({error})") from None
     return folder
-
-
-def load_tokenizer(path: str | Path):
-    """The tokenizer saved in the local folder `path`; a missing pad token becomes the EOS token (padding is masked
-    by position)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FinetuneError(f"{display(folder)}: no such tokenizer folder" if not folder.exists()
-                            else f"{display(folder)}: is a file, not a tokenizer folder")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
-        message = " ".join(str(error).split())
-        raise FinetuneError(f"{display(folder)}: cannot load a tokenizer from it ({message[:300]})") from None
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise FinetuneError(f"the tokenizer in {display(folder)} has neither a pad nor an EOS token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_model(path: str | Path, muddify_plain: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:

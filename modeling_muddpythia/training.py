@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
 from .convert_io import open_safetensors, write_failure_message
@@ -131,6 +131,25 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, option: str = "--tokenizer"
         )
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in the local folder `path`; a missing pad token becomes the EOS token (padding is masked
+    by position)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise TrainingError(f"{display(folder)}: no such tokenizer folder" if not folder.exists()
+                            else f"{display(folder)}: is a file, not a tokenizer folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        message = " ".join(str(error).split())
+        raise TrainingError(f"{display(folder)}: cannot load a tokenizer from it ({message[:300]})") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise TrainingError(f"the tokenizer in {display(folder)} has neither a pad nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 # --------------------------------------------------------------------------------------------------- the output
 
 
@@ -148,8 +167,9 @@ def write_marker(folder: Path, tool: str) -> None:
     os.replace(temporary, folder / OWNER_MARKER)
 
 
-def _has_checkpoint(folder: Path) -> bool:
-    return folder.is_dir() and any(_CHECKPOINT_NAME.match(p.name) for p in folder.iterdir())
+def _has_complete_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and any(_CHECKPOINT_NAME.match(p.name) and checkpoint_problem(p) is None
+                                   for p in folder.iterdir())
 
 
 def check_output_clear(output: str | Path, inputs: Sequence[tuple[str, str | None]]) -> None:
@@ -281,7 +301,7 @@ class OwnedOutput:
                 if entry.name not in self.foreign:
                     shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             say(self.tool, f"the run failed; {display(output)} is left as it was")
-        elif _has_checkpoint(output):
+        elif _has_complete_checkpoint(output):
             say(self.tool, f"the run failed; the checkpoints in {display(output)} stay for --resume-from-checkpoint")
         elif self.created:
             shutil.rmtree(output, ignore_errors=True)
