@@ -395,7 +395,7 @@ def build_trainer(args: argparse.Namespace, model, plan: DataPlan, tokenizer, ou
     training_args = training_arguments(args, **overrides)
     flops = 3 * forward_flops_per_token(model, plan.block_size)  # forward + backward
     if args.compile:
-        model.compile(fullgraph=True)
+        model.compile(fullgraph=True, backend=args.compile_backend)
     world = training_args.world_size
     return PretrainTrainer(
         model=model, args=training_args, train_dataset=plan.stream, data_collator=default_data_collator,

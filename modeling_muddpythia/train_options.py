@@ -256,6 +256,8 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
     add_training_options(train, learning_rate=3e-4, weight_decay=0.1, lr_scheduler="cosine", save_steps=1000)
     train.add_argument("--compile", action="store_true",
                        help="compile the model with torch.compile(fullgraph=True) (default: off, eager)")
+    train.add_argument("--compile-backend", default="inductor",
+                       help="torch.compile backend for --compile, e.g. aot_eager to debug (default: inductor)")
     train.add_argument("--report-to", default="none", choices=("none", "tensorboard"),
                        help="where Trainer also sends its logs: none or tensorboard (default: none)")
     train.add_argument("--peak-tflops", type=positive_float,
@@ -273,6 +275,8 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
 def check_pretrain_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     if args.warmup_steps >= args.max_steps:
         parser.error(f"--warmup-steps {args.warmup_steps} must be less than --max-steps {args.max_steps}")
+    if args.compile_backend != "inductor" and not args.compile:
+        parser.error("--compile-backend needs --compile")
     if args.twin_budget != "steps" and not args.plain_twin:
         parser.error("--twin-budget needs --plain-twin")
     return args
