@@ -385,13 +385,12 @@ def _data_state_writer(plan: DataPlan, world_size: int):
 
 
 def build_trainer(args: argparse.Namespace, model, plan: DataPlan, tokenizer, output_dir: str | Path,
-                  max_steps: int, logging_dir_name: str = "runs") -> PretrainTrainer:
-    """A `PretrainTrainer` over `plan`'s block stream for `model`, checkpointing into `output_dir`."""
+                  max_steps: int) -> PretrainTrainer:
+    """A `PretrainTrainer` over `plan`'s block stream for `model`, checkpointing into `output_dir` (and with
+    `--report-to tensorboard` logging into `output_dir/runs/`)."""
     overrides = dict(output_dir=str(output_dir), max_steps=max_steps, ignore_data_skip=True,
                      dataloader_drop_last=True, include_num_input_tokens_seen="no",
                      report_to=[args.report_to] if args.report_to != "none" else "none")
-    if args.report_to == "tensorboard":
-        overrides["logging_dir"] = str(Path(output_dir) / logging_dir_name)
     training_args = training_arguments(args, **overrides)
     flops = 3 * forward_flops_per_token(model, plan.block_size)  # forward + backward
     if args.compile:
@@ -541,7 +540,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from . import load_package
-
-    load_package()
     sys.exit(main())

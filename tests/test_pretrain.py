@@ -356,3 +356,29 @@ def test_help_is_fast_and_light():
     imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
     assert not imported & {"torch", "transformers", "datasets"}
+
+
+def test_a_stream_started_at_a_position_serves_the_rest_of_the_uninterrupted_order(tmp_path):
+    """Resume starts the stream at the saved block position: what follows equals the uninterrupted order, across
+    the end of a pass, in memory and streaming."""
+    path = write_corpus(tmp_path / "corpus.jsonl", documents(60, seed=4))
+    tokenizer = char_tokenizer()
+    blocks = torch.tensor(list(pretrain.pack_blocks(pretrain.load_documents([str(path)], "body"), tokenizer, 16)))
+    make = lambda: pretrain.pack_blocks(pretrain.load_documents([str(path)], "body", streaming=True), tokenizer, 16)  # noqa: E731
+    for stream in (pretrain.BlockStream(3, blocks=blocks), pretrain.BlockStream(3, make_stream=make, shuffle_buffer=5)):
+        whole = [example["input_ids"].tolist() for example in itertools_islice(iter(stream), 3 * len(blocks))]
+        stream.start = len(blocks) + 7  # in the second pass
+        rest = [example["input_ids"].tolist() for example in itertools_islice(iter(stream), 2 * len(blocks) - 7)]
+        assert rest == whole[len(blocks) + 7:]
+        assert whole[:len(blocks)] != whole[len(blocks):2 * len(blocks)]  # each pass has its own seeded order
+
+
+def test_report_to_tensorboard_writes_the_logged_losses(workspace, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "run"
+    assert pretrain.main(cli_args(workspace, output, "--max-steps", 3, "--report-to", "tensorboard")) == 0
+    events = EventAccumulator(str(next((output / "runs").iterdir()))).Reload()
+    logged = {event.step: event.value for event in events.Scalars("train/loss")}
+    assert logged == pytest.approx(losses_by_step(output), abs=1e-5)
+    assert {"train/tokens_per_second", "train/tokens"} <= set(events.Tags()["scalars"])
