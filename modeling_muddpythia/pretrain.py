@@ -405,10 +405,11 @@ def build_trainer(args: argparse.Namespace, model, plan: DataPlan, tokenizer, ou
 
 
 @torch.no_grad()
-def heldout_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss over the held-out blocks (each block's loss weighted by its block_size - 1 targets)."""
+def heldout_loss(model, blocks: torch.Tensor, batch_size: int) -> float | None:
+    """Mean next-token loss over the held-out blocks (all blocks have the same number of targets); None without
+    held-out blocks (`--eval-blocks 0`)."""
     if len(blocks) == 0:
-        return float("nan")
+        return None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -462,8 +463,9 @@ def write_report(folder: Path, runs: dict[str, dict]) -> None:
              "| model | steps | tokens | training FLOPs | final training loss | held-out loss |",
              "|---|---|---|---|---|---|"]
     for name, run in runs.items():
+        heldout = "none (--eval-blocks 0)" if run["heldout_loss"] is None else f"{run['heldout_loss']:.4f}"
         lines.append(f"| {name} | {run['steps']} | {run['tokens']} | {run['train_flops']:.3g} | "
-                     f"{run['final_loss']:.4f} | {run['heldout_loss']:.4f} |")
+                     f"{run['final_loss']:.4f} | {heldout} |")
     lines += ["", f"Held-out loss: mean next-token loss on the first {runs['MUDD']['heldout_blocks']} blocks of the "
               "corpus, which neither model trained on."]
     (folder / "report.md").write_text("\n".join(lines) + "\n")

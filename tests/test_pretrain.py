@@ -236,12 +236,13 @@ def test_flops_budget_gives_the_twin_the_mudd_runs_training_flops(workspace, tmp
     assert steps == round(200 * direct(mudd, 32) / direct(twin, 32)) and steps > 200  # the dense connections cost
 
 
-def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(workspace, tmp_path):
+@pytest.mark.parametrize("reading", [[], ["--streaming", "--shuffle-buffer", "16"]], ids=["in-memory", "streaming"])
+def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(workspace, tmp_path, reading):
     reference = tmp_path / "reference"
-    argv = cli_args(workspace, reference, "--max-steps", 8, "--save-steps", 2)
+    argv = cli_args(workspace, reference, "--max-steps", 8, "--save-steps", 2, *reading)
     assert pretrain.main(argv) == 0
     killed = tmp_path / "killed"
-    argv = cli_args(workspace, killed, "--max-steps", 8, "--save-steps", 2)
+    argv = cli_args(workspace, killed, "--max-steps", 8, "--save-steps", 2, *reading)
     result = subprocess.run([sys.executable, str(WORKER), "kill-at", "5", "--", *argv], capture_output=True,
                             text=True, env=env(), timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
