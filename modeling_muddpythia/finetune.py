@@ -40,14 +40,14 @@ from .mudd import MUDDDenseConnections
 from .muddify import muddify
 from .safe_output import describe_os_error, display
 from .train_options import (  # noqa: F401  (public names)
-    DEFAULT_MAX_DATA_BYTES, DEFAULT_MAX_DOCUMENT_BYTES, LORA_TARGET_MODULES, MUDDIFIABLE, build_finetune_parser as build_parser,
-    parse_finetune_args,
+    DEFAULT_MAX_DATA_BYTES, DEFAULT_MAX_DOCUMENT_BYTES, LORA_TARGET_MODULES, MUDDIFIABLE,
+    build_finetune_parser as build_parser, parse_finetune_args,
 )
-from .training import (  # noqa: F401  (public names)
+from .training import (  # noqa: F401  (public names: the engine's checkpoint functions)
     CHECKPOINT_MANIFEST, ChecksumCallback, FiniteWeightsCallback, GuardedTrainer, NonFiniteError, OwnedOutput,
-    TrainingError, check_data_files as _check_data_files, check_output_clear, bounded_lines, check_tokenizer_fits, checkpoint_mismatch,
-    checkpoint_problem, nonfinite_weights, resolve_checkpoint, run_command, training_arguments as _training_arguments,
-    write_checkpoint_manifest, load_tokenizer,
+    TrainingError, check_data_files as _check_data_files, check_output_clear, check_tokenizer_fits,
+    checkpoint_mismatch, checkpoint_problem, line_documents, load_tokenizer, nonfinite_weights, resolve_checkpoint,
+    run_command, training_arguments as _training_arguments, write_checkpoint_manifest,
 )
 
 
@@ -94,25 +94,10 @@ def read_texts(paths: Sequence[str | Path], text_field: str = "text", max_data_b
                max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> list[str]:
     """The examples of local `.txt` files (one per non-empty line) and `.jsonl`/`.json` files (JSON lines, one object
     per line with the text in `text_field`), read as UTF-8 (a leading byte-order mark is dropped), at most
-    `max_data_bytes` in all and `max_document_bytes` per line (`training.bounded_lines`). Raises `FinetuneError` (a
+    `max_data_bytes` in all and `max_document_bytes` per line (`training.line_documents`). Raises `FinetuneError` (a
     `ValueError`) naming the file, and the line of a bad record or of bytes that are not UTF-8."""
     check_data_files(paths)
-    texts = []
-    budget = [max_data_bytes]
-    for path in map(Path, paths):
-        for line_no, line in bounded_lines(path, max_document_bytes, budget):
-            if not line.strip():
-                continue
-            if path.suffix in TEXT_SUFFIXES:
-                texts.append(line.rstrip("\r\n"))
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise FinetuneError(f"{display(path)} line {line_no}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise FinetuneError(f"{display(path)} line {line_no}: expected an object with a string field {text_field!r}")
-            texts.append(record[text_field])
+    texts = list(line_documents(paths, text_field, max_document_bytes, budget=[max_data_bytes]))
     if not texts:
         raise FinetuneError(f"no examples in {[display(p) for p in paths]}")
     return texts

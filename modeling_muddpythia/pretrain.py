@@ -38,8 +38,8 @@ from .convert_plans import _PLAIN_CONFIG_FIELDS
 from .safe_output import display
 from .train_options import parse_pretrain_args
 from .training import (
-    ChecksumCallback, FiniteWeightsCallback, GuardedTrainer, OwnedOutput, TrainingError, bounded_lines,
-    check_data_files, check_tokenizer_fits, load_tokenizer, resolve_checkpoint, run_command, say, training_arguments,
+    ChecksumCallback, FiniteWeightsCallback, GuardedTrainer, OwnedOutput, TrainingError, check_data_files,
+    check_tokenizer_fits, line_documents, load_tokenizer, resolve_checkpoint, run_command, say, training_arguments,
 )
 
 
@@ -130,27 +130,9 @@ def _check_text(text, where: str, text_field: str, max_document_bytes: int) -> s
     return text
 
 
-def _json_lines(paths: Sequence[str], text_field: str, max_document_bytes: int) -> Iterator[dict]:
-    for path in map(Path, paths):
-        for line_no, line in bounded_lines(path, max_document_bytes):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TrainingError(f"--data {display(path)} line {line_no}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise TrainingError(f"--data {display(path)} line {line_no}: expected an object with a string field "
-                                    f"{text_field!r}")
-            yield {"text": record[text_field]}
-
-
-def _text_lines(paths: Sequence[str], max_document_bytes: int) -> Iterator[dict]:
-    for path in map(Path, paths):
-        for _, line in bounded_lines(path, max_document_bytes):
-            text = line.rstrip("\r\n")
-            if text.strip():
-                yield {"text": text}
+def _line_rows(paths: Sequence[str], text_field: str, max_document_bytes: int) -> Iterator[dict]:
+    for text in line_documents(paths, text_field, max_document_bytes):
+        yield {"text": text}
 
 
 def load_documents(paths: Sequence[str], text_field: str = "text", streaming: bool = False,
@@ -170,13 +152,10 @@ def load_documents(paths: Sequence[str], text_field: str = "text", streaming: bo
     files = [str(p) for p in paths]
     with tempfile.TemporaryDirectory(prefix="mudd-pretrain-") as cache:
         if builder in ("text", "json"):
-            generator = _text_lines if builder == "text" else _json_lines
-            kwargs = {"paths": files, "max_document_bytes": max_document_bytes}
-            if builder == "json":
-                kwargs["text_field"] = text_field
+            kwargs = {"paths": files, "text_field": text_field, "max_document_bytes": max_document_bytes}
             if streaming:
-                return datasets.IterableDataset.from_generator(generator, gen_kwargs=kwargs)
-            return datasets.Dataset.from_generator(generator, gen_kwargs=kwargs, cache_dir=cache, keep_in_memory=True)
+                return datasets.IterableDataset.from_generator(_line_rows, gen_kwargs=kwargs)
+            return datasets.Dataset.from_generator(_line_rows, gen_kwargs=kwargs, cache_dir=cache, keep_in_memory=True)
         dataset = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming,
                                         cache_dir=cache, **({} if streaming else {"keep_in_memory": True}))
         if text_field not in dataset.column_names:

@@ -122,6 +122,28 @@ def bounded_lines(path: Path, max_line_bytes: int, budget: list[int] | None = No
                 ) from None
 
 
+def line_documents(paths: Sequence[str | Path], text_field: str = "text", max_document_bytes: int = 16 << 20,
+                   budget: list[int] | None = None) -> Iterator[str]:
+    """The documents of `.txt` files (one per non-empty line, without its line ending) and `.jsonl`/`.json` files
+    (JSON lines: one object per line with the text in `text_field`), read with `bounded_lines`' bounds. A bad record
+    is an error naming the file and the line."""
+    for path in map(Path, paths):
+        for line_no, line in bounded_lines(path, max_document_bytes, budget):
+            if not line.strip():
+                continue
+            if path.suffix == ".txt":
+                yield line.rstrip("\r\n")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TrainingError(f"--data {display(path)} line {line_no}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise TrainingError(f"--data {display(path)} line {line_no}: expected an object with a string field "
+                                    f"{text_field!r}")
+            yield record[text_field]
+
+
 def check_tokenizer_fits(tokenizer, vocab_size: int, option: str = "--tokenizer") -> None:
     """The tokenizer's ids (all of `len(tokenizer)`, added tokens included) index the model's embedding."""
     if len(tokenizer) > vocab_size:
