@@ -38,7 +38,7 @@ from .convert_plans import _PLAIN_CONFIG_FIELDS
 from .safe_output import display
 from .train_options import parse_pretrain_args
 from .training import (
-    ChecksumCallback, FiniteWeightsCallback, GuardedTrainer, OwnedOutput, TrainingError, check_data_files,
+    DATA_STATE, ChecksumCallback, FiniteWeightsCallback, GuardedTrainer, OwnedOutput, TrainingError, check_data_files,
     check_tokenizer_fits, line_documents, load_tokenizer, resolve_checkpoint, run_command, say, training_arguments,
 )
 
@@ -47,7 +47,6 @@ TOOL = "mudd-pretrain"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configuration"
 # --data suffix -> the `datasets` builder that reads it
 DATA_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-DATA_STATE = "mudd_data_state.json"
 TWIN_FOLDER = "plain-twin"
 # Dense bf16 peak FLOP/s of common accelerators (vendor data sheets), matched against the device name.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,

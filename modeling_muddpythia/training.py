@@ -43,6 +43,8 @@ from .safe_output import (
 
 # Written into every checkpoint after Trainer has saved it: file sizes and SHA-256 sums (see `checkpoint_problem`).
 CHECKPOINT_MANIFEST = "mudd_checkpoint.json"
+# mudd-pretrain's data position, saved in each of its checkpoints.
+DATA_STATE = "mudd_data_state.json"
 # Written into an output folder by the command that owns it (see `OwnedOutput`).
 OWNER_MARKER = ".mudd-training.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -204,6 +206,14 @@ def check_output_clear(output: str | Path, inputs: Sequence[tuple[str, str | Non
             )
 
 
+def _unmarked_finetune_output(folder: Path) -> bool:
+    """An output of mudd-finetune from before the marker: its checkpoints carry our checksum manifest (and no
+    data position, which only mudd-pretrain writes)."""
+    checkpoints = [p for p in folder.iterdir() if _CHECKPOINT_NAME.match(p.name) and p.is_dir()]
+    return bool(checkpoints) and all((p / CHECKPOINT_MANIFEST).is_file() and not (p / DATA_STATE).exists()
+                                     for p in checkpoints)
+
+
 class OwnedOutput:
     """The output folder of one training run (see the module docstring). Use as a context manager around the whole
     run; `staging` is where the final model goes, `publish_final()` puts it in place. Only the main process
@@ -271,6 +281,9 @@ class OwnedOutput:
         entries = sorted(p.name for p in output.iterdir())
         marker = _read_marker(output)
         if not entries or (marker is not None and marker.get("tool") == self.tool):
+            return
+        if marker is None and self.tool == "mudd-finetune" and _unmarked_finetune_output(output):
+            write_marker(output, self.tool)
             return
         what = f"the output of {marker.get('tool')}" if marker else f"files {self.tool} did not write"
         if not self.force:

@@ -720,6 +720,17 @@ def test_another_models_folder_is_refused_without_force_and_replaced_whole_with_
     assert code == 1 and "holds the output of mudd-pretrain" in lines[0]
 
 
+def test_an_unmarked_output_of_an_earlier_finetune_still_resumes(workspace, tmp_path):
+    """Outputs written before the ownership marker existed are recognised by their checksummed checkpoints."""
+    output = tmp_path / "old"
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2, "--save-steps", 1)) == 0
+    (output / training.OWNER_MARKER).unlink()
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 3, "--save-steps", 1,
+                         "--resume-from-checkpoint")) == 0
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+    assert (output / training.OWNER_MARKER).is_file()
+
+
 def test_a_failed_run_leaves_nothing_behind_and_a_forced_folder_as_it_was(workspace, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "the cat"}\n{"no text": 1}\n')
