@@ -178,27 +178,33 @@ def token_documents(texts: Iterable[str], tokenizer) -> Iterator[list[int]]:
 
 class Packer:
     """Packs token documents into blocks of `block_size`: each document followed by `eos`, concatenated, cut every
-    `block_size` tokens. After iteration `leftover` holds the tokens of the final partial block (left out)."""
+    `block_size` tokens. After iteration `documents` and `tokens` count what was read and `leftover` the tokens of
+    the final partial block (left out)."""
 
     def __init__(self, block_size: int, eos: int):
         self.block_size, self.eos = block_size, eos
-        self.leftover = 0
+        self.documents = self.tokens = self.leftover = 0
 
     def __call__(self, documents: Iterable[list[int]]) -> Iterator[list[int]]:
         buffer: list[int] = []
         for ids in documents:
             buffer.extend(ids)
             buffer.append(self.eos)
-            while len(buffer) >= self.block_size:
-                yield buffer[:self.block_size]
-                del buffer[:self.block_size]
+            self.documents += 1
+            self.tokens += len(ids) + 1
+            start = 0
+            while len(buffer) - start >= self.block_size:
+                yield buffer[start:start + self.block_size]
+                start += self.block_size
+            del buffer[:start]
         self.leftover = len(buffer)
 
 
-def pack_blocks(documents, tokenizer, block_size: int, max_document_bytes: int = 16 << 20) -> Iterator[list[int]]:
-    """The packed blocks of a `load_documents` dataset, in corpus order."""
-    return Packer(block_size, tokenizer.eos_token_id)(
-        token_documents(document_texts(documents, max_document_bytes), tokenizer))
+def pack_blocks(documents, tokenizer, block_size: int, max_document_bytes: int = 16 << 20,
+                packer: Packer | None = None) -> Iterator[list[int]]:
+    """The packed blocks of a `load_documents` dataset, in corpus order (`packer` keeps the counts)."""
+    packer = packer or Packer(block_size, tokenizer.eos_token_id)
+    return packer(token_documents(document_texts(documents, max_document_bytes), tokenizer))
 
 
 class BlockStream(torch.utils.data.IterableDataset):
@@ -304,7 +310,8 @@ class DataPlan:
         self.args, self.tokenizer, self.block_size = args, tokenizer, block_size
         self.fingerprint = data_fingerprint(args.data)
         documents = load_documents(args.data, args.text_field, args.streaming, args.max_document_bytes)
-        blocks = pack_blocks(documents, tokenizer, block_size, args.max_document_bytes)
+        packer = Packer(block_size, tokenizer.eos_token_id)
+        blocks = pack_blocks(documents, tokenizer, block_size, args.max_document_bytes, packer)
         self.heldout = torch.tensor(list(itertools.islice(blocks, args.eval_blocks)), dtype=torch.long).reshape(
             -1, block_size)
         if len(self.heldout) < args.eval_blocks:
@@ -316,13 +323,14 @@ class DataPlan:
                 return itertools.islice(stream, args.eval_blocks, None)
 
             self.stream = BlockStream(args.seed, make_stream=make_stream, shuffle_buffer=args.shuffle_buffer)
-            self.train_blocks = None
         else:
             train = torch.tensor(list(blocks), dtype=torch.long).reshape(-1, block_size)
             if len(train) == 0:
                 raise TrainingError("--data: no training blocks (the corpus is shorter than --eval-blocks + 1 blocks)")
             self.stream = BlockStream(args.seed, blocks=train)
-            self.train_blocks = len(train)
+            say(TOOL, f"corpus: {packer.documents} documents, {packer.tokens} tokens: {len(train)} training and "
+                f"{len(self.heldout)} held-out blocks of {block_size} tokens; the last {packer.leftover} tokens (less "
+                "than a block) are left out")
 
     def blocks_per_step(self, world_size: int) -> int:
         return self.args.batch_size * self.args.gradient_accumulation_steps * world_size

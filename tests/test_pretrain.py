@@ -112,13 +112,15 @@ def test_packing_matches_an_independent_count_of_tokens_and_documents(tmp_path, 
     docs = documents(120, seed=1)
     path = write_corpus(tmp_path / f"corpus{suffix}", docs)
     loaded = pretrain.load_documents([str(path)], text_field="body")
-    blocks = list(pretrain.pack_blocks(loaded, char_tokenizer(), block_size=32))
+    packer = pretrain.Packer(32, EOS)
+    blocks = list(pretrain.pack_blocks(loaded, char_tokenizer(), 32, packer=packer))
     # independently: each document's characters, then the end-of-text id, all concatenated
     stream = [token for doc in docs for token in [CHAR_ID[c] for c in doc] + [EOS]]
     assert len(blocks) == len(stream) // 32 and all(len(block) == 32 for block in blocks)
     flat = [token for block in blocks for token in block]
     assert flat == stream[:len(flat)]  # no token lost, repeated or reordered; no padding
     assert len(stream) - len(flat) < 32  # only the final partial block is left out
+    assert (packer.documents, packer.tokens, packer.leftover) == (len(docs), len(stream), len(stream) - len(flat))
     ends = [i for i, token in enumerate(stream) if token == EOS]
     assert flat.count(EOS) == sum(1 for i in ends if i < len(flat))  # one end-of-text per document
 
