@@ -306,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
 
     def body() -> None:
         check_paths(args)
-        with OwnedOutput(args.output, TOOL, force=args.force, inputs=output_inputs(args)) as owned:
+        with OwnedOutput(args.output, TOOL, force=args.force, inputs=output_inputs(args),
+                         resume=args.resume_from_checkpoint is not None) as owned:
             trainer = build_trainer(args)
             checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output, TOOL, model=trainer.model)
             trainer.train(resume_from_checkpoint=checkpoint)

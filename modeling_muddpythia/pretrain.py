@@ -483,7 +483,8 @@ def run(args: argparse.Namespace) -> int:
         if args.attn_implementation:
             config._attn_implementation = args.attn_implementation
         check_data_files(args.data, tuple(DATA_BUILDERS))
-        with OwnedOutput(args.output, TOOL, force=args.force, inputs=[("the tokenizer folder", args.tokenizer)]) as owned:
+        with OwnedOutput(args.output, TOOL, force=args.force, inputs=[("the tokenizer folder", args.tokenizer)],
+                         resume=args.resume_from_checkpoint is not None) as owned:
             plan = DataPlan(args, tokenizer, block_size)
             model = initial_model(config, args.seed)
             trainer = train_one(args, model, plan, tokenizer, Path(args.output), args.max_steps,

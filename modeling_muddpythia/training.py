@@ -219,8 +219,9 @@ class OwnedOutput:
     run; `staging` is where the final model goes, `publish_final()` puts it in place. Only the main process
     (global rank 0) claims, checks and cleans; the other ranks only learn the paths."""
 
-    def __init__(self, output: str | Path, tool: str, force: bool = False, inputs: Sequence[tuple[str, str | None]] = ()):
-        self.output, self.tool, self.force = Path(output), tool, force
+    def __init__(self, output: str | Path, tool: str, force: bool = False, inputs: Sequence[tuple[str, str | None]] = (),
+                 resume: bool = False):
+        self.output, self.tool, self.force, self.resume = Path(output), tool, force, resume
         self.staging = self.output.parent / f".{self.output.name}.partial-final"
         self.inputs = inputs
         self.main = is_main_process()
@@ -280,16 +281,20 @@ class OwnedOutput:
             return
         entries = sorted(p.name for p in output.iterdir())
         marker = _read_marker(output)
-        if not entries or (marker is not None and marker.get("tool") == self.tool):
-            return
-        if marker is None and self.tool == "mudd-finetune" and _unmarked_finetune_output(output):
+        ours = marker is not None and marker.get("tool") == self.tool
+        if not ours and marker is None and self.tool == "mudd-finetune" and _unmarked_finetune_output(output):
             write_marker(output, self.tool)
+            ours = True
+        if not entries or (ours and (self.resume or not _has_complete_checkpoint(output))):
             return
-        what = f"the output of {marker.get('tool')}" if marker else f"files {self.tool} did not write"
+        if ours:
+            what = "the checkpoints of an earlier run (add --resume-from-checkpoint to continue it)"
+        else:
+            what = f"the output of {marker.get('tool')}" if marker else f"files {self.tool} did not write"
         if not self.force:
             raise TrainingError(
-                f"--output {display(output)}: holds {what} (e.g. {', '.join(entries[:3])}); choose another folder, "
-                "or pass --force to replace it with this run's result"
+                f"--output {display(output)}: holds {what} (e.g. {', '.join(e for e in entries if e != OWNER_MARKER)[:80]}); "
+                "choose another folder, or pass --force to replace it with this run's result"
             )
         say(self.tool, f"--force: {display(output)} holds {what}; it is replaced when this run succeeds")
         self.foreign = set(entries)

@@ -720,6 +720,21 @@ def test_another_models_folder_is_refused_without_force_and_replaced_whole_with_
     assert code == 1 and "holds the output of mudd-pretrain" in lines[0]
 
 
+def test_a_fresh_run_does_not_mix_with_an_earlier_runs_checkpoints(workspace, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 3, "--save-steps", 3)) == 0
+    capsys.readouterr()
+    code, lines = run_cli(capsys, *cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2,
+                                            "--save-steps", 1))
+    assert code == 1 and len(lines) == 1
+    assert "holds the checkpoints of an earlier run (add --resume-from-checkpoint to continue it)" in lines[0]
+    # --force starts over: the result holds this run's checkpoints only
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2, "--save-steps", 1,
+                         "--force")) == 0
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 2
+
+
 def test_an_unmarked_output_of_an_earlier_finetune_still_resumes(workspace, tmp_path):
     """Outputs written before the ownership marker existed are recognised by their checksummed checkpoints."""
     output = tmp_path / "old"
