@@ -380,8 +380,13 @@ def test_report_to_tensorboard_writes_the_logged_losses(workspace, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output = tmp_path / "run"
-    assert pretrain.main(cli_args(workspace, output, "--max-steps", 3, "--report-to", "tensorboard")) == 0
+    assert pretrain.main(cli_args(workspace, output, "--max-steps", 3, "--report-to", "tensorboard",
+                                  "--peak-tflops", "0.5")) == 0
     events = EventAccumulator(str(next((output / "runs").iterdir()))).Reload()
     logged = {event.step: event.value for event in events.Scalars("train/loss")}
     assert logged == pytest.approx(losses_by_step(output), abs=1e-5)
-    assert {"train/tokens_per_second", "train/tokens"} <= set(events.Tags()["scalars"])
+    assert {"train/tokens_per_second", "train/tokens", "train/mfu"} <= set(events.Tags()["scalars"])
+    # MFU: achieved training FLOP/s over the given peak
+    log = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"] if "mfu" in entry]
+    flops_per_token = log[-1]["train_flops"] / log[-1]["tokens"]
+    assert log[-1]["mfu"] == pytest.approx(log[-1]["tokens_per_second"] * flops_per_token / 0.5e12, rel=1e-2, abs=1e-4)
