@@ -338,8 +338,12 @@ class OwnedOutput:
             return
         if self.foreign is not None:
             for entry in output.iterdir():
-                if entry.name not in self.foreign:
-                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                if entry.name in self.foreign:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
             say(self.tool, f"the run failed; {display(output)} is left as it was")
         elif _has_complete_checkpoint(output):
             say(self.tool, f"the run failed; the checkpoints in {display(output)} stay for --resume-from-checkpoint")
