@@ -47,7 +47,7 @@ from .training import (  # noqa: F401  (public names: the engine's checkpoint fu
     CHECKPOINT_MANIFEST, ChecksumCallback, FiniteWeightsCallback, GuardedTrainer, NonFiniteError, OwnedOutput,
     TrainingError, check_data_files as _check_data_files, check_output_clear, check_tokenizer_fits,
     checkpoint_mismatch, checkpoint_problem, line_documents, load_tokenizer, nonfinite_weights, resolve_checkpoint,
-    run_command, training_arguments as _training_arguments, write_checkpoint_manifest,
+    run_command, train, training_arguments as _training_arguments, write_checkpoint_manifest,
 )
 
 
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
                          resume=args.resume_from_checkpoint is not None) as owned:
             trainer = build_trainer(args)
             checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output, TOOL, model=trainer.model)
-            trainer.train(resume_from_checkpoint=checkpoint)
+            train(trainer, checkpoint, TOOL)
             save_result(trainer, args, owned)
         if trainer.is_world_process_zero():
             print(f"Saved to {display(args.output)}")

@@ -39,7 +39,8 @@ from .safe_output import display
 from .train_options import parse_pretrain_args
 from .training import (
     DATA_STATE, ChecksumCallback, FiniteWeightsCallback, GuardedTrainer, OwnedOutput, TrainingError, check_data_files,
-    check_tokenizer_fits, line_documents, load_tokenizer, resolve_checkpoint, run_command, say, training_arguments,
+    check_tokenizer_fits, line_documents, load_tokenizer, resolve_checkpoint, run_command, say, train,
+    training_arguments,
 )
 
 
@@ -421,7 +422,7 @@ def train_one(args, model, plan, tokenizer, output_dir: Path, max_steps: int, re
         plan.resume_at(checkpoint, trainer.args.world_size)
     else:
         plan.stream.start = 0
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train(trainer, checkpoint, TOOL)
     return trainer
 
 

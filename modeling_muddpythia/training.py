@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
 from .convert_io import open_safetensors, write_failure_message
@@ -630,6 +630,45 @@ def resolve_checkpoint(resume: str | bool | None, output: str | Path, tool: str,
             raise TrainingError(f"--resume-from-checkpoint {display(chosen)}: cannot resume from it: {mismatch}")
     say(tool, f"resuming from {display(chosen)}")
     return str(chosen)
+
+
+def _load_checkpoint_weights(model: torch.nn.Module, folder: Path) -> None:
+    """The weights of a complete checkpoint into `model` (a full model, or a peft model's adapter)."""
+    from safetensors.torch import load_file
+
+    adapter = folder / "adapter_model.safetensors"
+    if adapter.is_file() and not any(folder.glob("model*.safetensors")):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise TrainingError(f"{display(adapter)}: tensors this model does not have: {unexpected[:3]}")
+        return
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("model*.safetensors")):
+        weights.update(load_file(file))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise TrainingError(f"{display(folder)}: its weights do not match the model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+
+
+def train(trainer: Trainer, checkpoint: str | None, tool: str) -> None:
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, except from a checkpoint that already reached
+    `max_steps`: its state and weights are restored and nothing is trained (Trainer would run one more step)."""
+    if checkpoint is not None and trainer.args.max_steps > 0:
+        folder = Path(checkpoint)
+        state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+        if state.global_step >= trainer.args.max_steps:
+            say(tool, f"{display(folder)} already reached {state.global_step} steps (--max-steps "
+                f"{trainer.args.max_steps}); nothing left to train")
+            _load_checkpoint_weights(trainer.model, folder)
+            trainer.state = state
+            return
+    trainer.train(resume_from_checkpoint=checkpoint)
 
 
 # --------------------------------------------------------------------------------------------------- the command

@@ -787,9 +787,12 @@ def test_a_failed_final_save_leaves_the_previous_result_whole(workspace, tmp_pat
     assert (output / "checkpoint-3" / finetune.CHECKPOINT_MANIFEST).is_file()  # back in place, for resuming
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     monkeypatch.setattr(training, "publish", real_publish)
-    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 4, "--save-steps", 1,
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 3, "--save-steps", 1,
                          "--resume-from-checkpoint")) == 0
-    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 4
+    # checkpoint-3 had reached --max-steps: its weights are the result, no step is added
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+    final, saved = load_file(output / "model.safetensors"), load_file(output / "checkpoint-3" / "model.safetensors")
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
 
 
 def test_a_full_disk_at_the_final_save_of_a_new_output_leaves_nothing(workspace, tmp_path):

@@ -390,3 +390,17 @@ def test_report_to_tensorboard_writes_the_logged_losses(workspace, tmp_path):
     log = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"] if "mfu" in entry]
     flops_per_token = log[-1]["train_flops"] / log[-1]["tokens"]
     assert log[-1]["mfu"] == pytest.approx(log[-1]["tokens_per_second"] * flops_per_token / 0.5e12, rel=1e-2, abs=1e-4)
+
+
+def test_resuming_a_run_that_reached_max_steps_adds_no_step(workspace, tmp_path):
+    """Killed after its last checkpoint (while saving the final model, or training the twin): resuming restores
+    that checkpoint instead of training one more step."""
+    output = tmp_path / "run"
+    argv = cli_args(workspace, output, "--max-steps", 4, "--save-steps", 2)
+    assert pretrain.main(argv) == 0
+    before = load_file(output / "model.safetensors")
+    assert pretrain.main([*argv, "--resume-from-checkpoint"]) == 0
+    assert sorted(losses_by_step(output)) == [1, 2, 3, 4]
+    after = load_file(output / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
