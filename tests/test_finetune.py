@@ -894,13 +894,20 @@ def test_data_is_read_with_a_bound(workspace, tmp_path, capsys):
     finally:
         writer.kill()
         writer.wait()
-    # the default bounds, in a process limited to 3 GiB of address space: /dev/zero is refused after 16 MiB
-    script = (f"from modeling_muddpythia.finetune import read_texts\n"
-              f"read_texts([{str(tmp_path / 'zeros.txt')!r}])")
-    result = subprocess.run([sys.executable, "-c", f"import resource; resource.setrlimit(resource.RLIMIT_AS, "
-                             f"({3 << 30}, {3 << 30}))\n{script}"], capture_output=True, text=True, env=cli_env(),
-                            timeout=120)
-    assert "longer than --max-document-bytes (16777216 bytes)" in result.stderr, result.stderr[-2000:]
+    # the whole command with the default bounds, in a process limited to 4 GiB of address space: /dev/zero is
+    # refused after 16 MiB
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    argv = cli_args(workspace["model"], tmp_path / "zeros.txt", tmp_path / "out2", "--max-steps", 1)
+    result = subprocess.run([sys.executable, "-m", "modeling_muddpythia.cli_finetune", *argv], capture_output=True,
+                            text=True, env=cli_env(), preexec_fn=limit_memory, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert "zeros.txt line 1: longer than --max-document-bytes (16777216 bytes)" in lines[0]
+    assert not (tmp_path / "out2").exists()
     # the neighbour: a file within the bounds reads
     assert read_texts([workspace["data"]], max_data_bytes=workspace["data"].stat().st_size)[0]
 
