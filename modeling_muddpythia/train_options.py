@@ -87,7 +87,7 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def add_training_options(group, *, learning_rate: float, weight_decay: float, lr_scheduler: str,
                          save_steps: int) -> None:
     """The options both commands share (the engine in `training.py` reads them)."""
-    group.add_argument("--batch-size", type=positive_int, default=8, help="examples per device and step (default: 8)")
+    group.add_argument("--batch-size", type=positive_int, default=8, help="examples (pretraining: blocks) per device and micro-batch (default: 8)")
     group.add_argument("--gradient-accumulation-steps", type=positive_int, default=1,
                        help="micro-batches per optimizer step (default: 1)")
     group.add_argument("--learning-rate", type=positive_float, default=learning_rate,
