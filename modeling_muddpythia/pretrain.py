@@ -272,7 +272,8 @@ class PretrainTrainer(GuardedTrainer):
 
     def __init__(self, *args, tokens_per_step: int, train_flops_per_token: float, peak_flops: float | None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tokens_per_step, self.train_flops_per_token, self.peak_flops = tokens_per_step, train_flops_per_token, peak_flops
+        self.tokens_per_step, self.train_flops_per_token = tokens_per_step, train_flops_per_token
+        self.peak_flops = peak_flops
         self._last = None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -359,9 +360,9 @@ class DataPlan:
                    "blocks_per_step": "--batch-size x --gradient-accumulation-steps x processes"}
         for key, option in options.items():
             if saved.get(key) != expected[key]:
-                raise TrainingError(f"--resume-from-checkpoint {display(checkpoint)}: {option} differs from the run that "
-                                    f"saved it ({saved.get(key)!r} there, {expected[key]!r} now); resuming would "
-                                    "serve other blocks")
+                raise TrainingError(f"--resume-from-checkpoint {display(checkpoint)}: {option} differs from the run "
+                                    f"that saved it ({saved.get(key)!r} there, {expected[key]!r} now); resuming "
+                                    "would serve other blocks")
         self.stream.start = saved["blocks_served"]
 
 
@@ -385,7 +386,8 @@ def build_trainer(args: argparse.Namespace, model, plan: DataPlan, tokenizer, ou
     world = training_args.world_size
     return PretrainTrainer(
         model=model, args=training_args, train_dataset=plan.stream, data_collator=default_data_collator,
-        processing_class=tokenizer, callbacks=[FiniteWeightsCallback(), ChecksumCallback([_data_state_writer(plan, world)])],
+        processing_class=tokenizer,
+        callbacks=[FiniteWeightsCallback(), ChecksumCallback([_data_state_writer(plan, world)])],
         tokens_per_step=plan.blocks_per_step(world) * plan.block_size, train_flops_per_token=flops,
         peak_flops=peak_flops(args),
     )

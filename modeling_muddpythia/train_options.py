@@ -38,7 +38,8 @@ def _number(text: str, kind: type, low: float | None, inclusive: bool, high: flo
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     if low is not None and (value < low or (value == low and not inclusive)):
@@ -87,7 +88,8 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def add_training_options(group, *, learning_rate: float, weight_decay: float, lr_scheduler: str,
                          save_steps: int) -> None:
     """The options both commands share (the engine in `training.py` reads them)."""
-    group.add_argument("--batch-size", type=positive_int, default=8, help="examples (pretraining: blocks) per device and micro-batch (default: 8)")
+    group.add_argument("--batch-size", type=positive_int, default=8,
+                       help="examples (pretraining: blocks) per device and micro-batch (default: 8)")
     group.add_argument("--gradient-accumulation-steps", type=positive_int, default=1,
                        help="micro-batches per optimizer step (default: 1)")
     group.add_argument("--learning-rate", type=positive_float, default=learning_rate,
@@ -96,7 +98,8 @@ def add_training_options(group, *, learning_rate: float, weight_decay: float, lr
                        help=f"AdamW weight decay (default: {weight_decay})")
     group.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps (default: 0)")
     group.add_argument("--lr-scheduler", default=lr_scheduler, choices=LR_SCHEDULERS, metavar="NAME",
-                       help=f"learning-rate schedule after warm-up: {', '.join(LR_SCHEDULERS)} (default: {lr_scheduler})")
+                       help=f"learning-rate schedule after warm-up: {', '.join(LR_SCHEDULERS)} "
+                       f"(default: {lr_scheduler})")
     group.add_argument("--seed", type=non_negative_int, default=42, help="random seed (default: 42)")
     group.add_argument("--logging-steps", type=positive_int, default=10, help="log every N steps (default: 10)")
     group.add_argument("--save-steps", type=positive_int, default=save_steps,
@@ -237,7 +240,8 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 error (one line naming the path and the cause), 2 bad command line.",
     )
     parser.add_argument("--config", required=True,
-                        help="a preset name from configuration/ (e.g. muddpythia-405m) or a config.json file (required)")
+                        help="a preset name from configuration/ (e.g. muddpythia-405m) or a config.json file "
+                        "(required)")
     parser.add_argument("--tokenizer", required=True, help="local tokenizer folder (required)")
     add_data_options(parser, ".txt, .jsonl, .json, .parquet or .arrow, all of one kind")
     add_output_options(parser)

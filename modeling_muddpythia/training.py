@@ -219,8 +219,8 @@ class OwnedOutput:
     run; `staging` is where the final model goes, `publish_final()` puts it in place. Only the main process
     (global rank 0) claims, checks and cleans; the other ranks only learn the paths."""
 
-    def __init__(self, output: str | Path, tool: str, force: bool = False, inputs: Sequence[tuple[str, str | None]] = (),
-                 resume: bool = False):
+    def __init__(self, output: str | Path, tool: str, force: bool = False,
+                 inputs: Sequence[tuple[str, str | None]] = (), resume: bool = False):
         self.output, self.tool, self.force, self.resume = Path(output), tool, force, resume
         self.staging = self.output.parent / f".{self.output.name}.partial-final"
         self.inputs = inputs
@@ -292,9 +292,10 @@ class OwnedOutput:
         else:
             what = f"the output of {marker.get('tool')}" if marker else f"files {self.tool} did not write"
         if not self.force:
+            examples = ", ".join(entry for entry in entries if entry != OWNER_MARKER)[:80]
             raise TrainingError(
-                f"--output {display(output)}: holds {what} (e.g. {', '.join(e for e in entries if e != OWNER_MARKER)[:80]}); "
-                "choose another folder, or pass --force to replace it with this run's result"
+                f"--output {display(output)}: holds {what} (e.g. {examples}); choose another folder, or pass --force "
+                "to replace it with this run's result"
             )
         say(self.tool, f"--force: {display(output)} holds {what}; it is replaced when this run succeeds")
         self.foreign = set(entries)
@@ -589,7 +590,8 @@ def checkpoint_mismatch(folder: str | Path, model: torch.nn.Module) -> str | Non
                             continue
                         return f"{file.name} holds {name}, which this model does not have (another model's checkpoint)"
                     if own[name] != shape:
-                        return f"{file.name}: {name} has shape {shape}, this model's is {own[name]} (another model's checkpoint)"
+                        return (f"{file.name}: {name} has shape {shape}, this model's is {own[name]} (another model's "
+                                "checkpoint)")
         except (SafetensorError, OSError) as error:
             return f"{file.name}: not a valid safetensors file ({error})"
     return None
