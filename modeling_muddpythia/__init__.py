@@ -1,8 +1,9 @@
 """MUDD (multiway dynamic dense) models for Hugging Face transformers.
 
 Importing the package registers the MUDD configs and models with transformers' Auto classes. The one exception is
-the commands `mudd`, `mudd-convert`, `mudd-finetune` and `mudd-eval` (also as `python -m modeling_muddpythia.cli`,
-`.cli_convert`, `.cli_finetune`, `.evaluation`): they parse their arguments first, so that `--help` answers without importing torch and
+the commands `mudd`, `mudd-convert`, `mudd-finetune`, `mudd-pretrain` and `mudd-eval` (also as `python -m
+modeling_muddpythia.cli`, `.cli_convert`, `.cli_finetune`, `.cli_pretrain`, `.evaluation`): they parse their arguments
+first, so that `--help` answers without importing torch and
 transformers (seconds), and then load what they need.
 """
 
@@ -78,7 +79,8 @@ def __dir__():
 
 # The commands that parse their arguments before the package is loaded, as console scripts and as `-m` modules.
 _LIGHT_COMMANDS = {
-    "mudd": "cli", "mudd-convert": "cli_convert", "mudd-finetune": "cli_finetune", "mudd-eval": "evaluation",
+    "mudd": "cli", "mudd-convert": "cli_convert", "mudd-finetune": "cli_finetune", "mudd-pretrain": "cli_pretrain",
+    "mudd-eval": "evaluation",
 }
 
 

@@ -5,6 +5,7 @@ CPU, no network."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,7 @@ from transformers import (
 )
 
 from modeling_muddpythia import MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM
-from modeling_muddpythia import finetune
+from modeling_muddpythia import finetune, training
 from modeling_muddpythia.finetune import (
     LORA_TARGET_MODULES,
     CausalLMPaddingCollator,
@@ -341,10 +343,10 @@ def test_bf16_autocast_training_matches_float32_gradients():
 
 def test_bf16_flag_falls_back_to_float32_with_a_message(workspace, tmp_path, monkeypatch, capsys):
     args = build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path, "--bf16"))
-    monkeypatch.setattr(finetune, "bf16_supported", lambda use_cpu: False)
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: False)
     assert training_arguments(args).bf16 is False
     assert "no native bfloat16 support; training in float32" in capsys.readouterr().err
-    monkeypatch.setattr(finetune, "bf16_supported", lambda use_cpu: True)
+    monkeypatch.setattr(training, "bf16_supported", lambda use_cpu: True)
     assert training_arguments(args).bf16 is True
     assert training_arguments(build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path))).bf16 is False
 
@@ -445,14 +447,10 @@ def test_rejected_option_combinations(workspace, tmp_path):
     def build(*extra):
         return build_trainer(build_parser().parse_args(cli_args(workspace["model"], workspace["data"], tmp_path, *extra)))
 
-    with pytest.raises(ValueError, match="--merge-lora and --lora-freeze-dense need --lora"):
-        build("--merge-lora")
     with pytest.raises(ValueError, match="--fsdp needs GPUs"):  # accelerate would silently run DDP on CPU
         build("--fsdp")
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         build("--max-length", 65)
-    with pytest.raises(ValueError, match="--max-length must be at least 2"):
-        build("--max-length", 1)
 
 
 # --------------------------------------------------------------------------- multi-process
@@ -603,20 +601,29 @@ def test_damaged_or_partial_checkpoints_are_skipped_and_the_choice_is_said(works
                                    "cannot resume from it: no trainer_state.json (a partial checkpoint: its save did not finish)"]
 
 
-def test_final_model_is_staged_and_moved_in_weights_last(workspace, tmp_path, monkeypatch):
+def test_final_model_is_staged_beside_the_output_and_published_in_one_rename(workspace, tmp_path, monkeypatch):
+    """The final model and this run's checkpoints are gathered in the staging folder beside the output, which then
+    takes the output's place: the folder changes in one rename, never file by file."""
     moves, real_replace = [], os.replace
 
     def replace(a, b):
-        moves.append(Path(b).name)
+        moves.append((Path(a).name, Path(b).name))
         real_replace(a, b)
 
-    monkeypatch.setattr(finetune.os, "replace", replace)
+    monkeypatch.setattr(training.os, "replace", replace)
+    monkeypatch.setattr("modeling_muddpythia.safe_output.os.replace", replace)
     output = tmp_path / "out"
-    train(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2))
-    final = [name for name in moves if name != finetune.CHECKPOINT_MANIFEST]
-    assert final[-1] == "model.safetensors" and {"config.json", "tokenizer.json", "trainer_state.json"} <= set(final)
-    assert not (output / finetune.FINAL_STAGING).exists()
-    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2, "--save-steps", 1)) == 0
+    structural = [move for move in moves if not move[0].startswith((".mudd", "."+finetune.CHECKPOINT_MANIFEST))]
+    staging = ".out.partial-final"
+    assert ("checkpoint-1", "checkpoint-1") in structural and ("checkpoint-2", "checkpoint-2") in structural
+    assert structural[-1] == (staging, "out")  # the last move publishes everything at once
+    assert not any(name == "model.safetensors" for move in structural for name in move)  # no file-by-file moves
+    names = {p.name for p in output.iterdir()}
+    assert {"checkpoint-1", "checkpoint-2", "config.json", "model.safetensors", "tokenizer.json",
+            "trainer_state.json"} <= names
+    assert sorted(name for name in names if name.startswith(".")) == [training.OWNER_MARKER]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, lock or replaced folder left
 
 
 def test_attention_mask_of_the_wrong_length_is_an_error():
@@ -647,3 +654,279 @@ def test_file_size_limit_while_saving_is_one_line(workspace, tmp_path):
     lines = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
     assert "file size limit" in lines[0] and str(tmp_path / "out") in lines[0], lines
+
+
+# --------------------------------------------------------------------------- output ownership and argument checks
+
+
+def cli_env() -> dict[str, str]:
+    return dict(os.environ, **OFFLINE_ENV, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+
+
+def test_a_second_run_on_the_same_output_fails_at_once_naming_the_first(workspace, tmp_path):
+    """Two processes: while the first trains into --output, the second exits 1 at once naming the first's pid; the
+    first's output is untouched by it; once the first is gone, the output (its own) takes a new run."""
+    output = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "modeling_muddpythia.cli_finetune",
+         *cli_args(workspace["model"], workspace["data"], output, "--max-steps", 100000, "--save-steps", 5)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (output / "checkpoint-5" / finetune.CHECKPOINT_MANIFEST).exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
+            time.sleep(0.05)
+        second = subprocess.run(
+            [sys.executable, "-m", "modeling_muddpythia.cli_finetune",
+             *cli_args(workspace["model"], workspace["data"], output, "--max-steps", 1)],
+            capture_output=True, text=True, env=cli_env(), timeout=120)
+        lines = [line for line in second.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert second.returncode == 1 and len(lines) == 1, second.stderr[-3000:]
+        assert f"another mudd-finetune run (pid {first.pid}) is writing this output right now" in lines[0]
+        assert first.poll() is None  # the first run goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # the killed run's output is its own: a new run resumes from its newest complete checkpoint
+    newest = max(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*")
+                 if training.checkpoint_problem(p) is None)
+    code = main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", newest + 1, "--save-steps", 5,
+                         "--resume-from-checkpoint"))
+    assert code == 0 and (output / "model.safetensors").is_file()
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == newest + 1
+
+
+def test_another_models_folder_is_refused_without_force_and_replaced_whole_with_it(workspace, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(workspace["model"], other)  # saved by save_pretrained, not by mudd-finetune
+    (other / "README.md").write_text("# another model's card\n")
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    argv = cli_args(workspace["model"], workspace["data"], other, "--max-steps", 2)
+    code, lines = run_cli(capsys, *argv)
+    assert code == 1 and len(lines) == 1 and f"--output {other}: holds files mudd-finetune did not write" in lines[0]
+    assert "--force" in lines[0]
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before  # untouched
+    # with --force the folder becomes this run's result as a whole: the old card does not stay beside it
+    assert main([*argv, "--force"]) == 0
+    assert not (other / "README.md").exists() and (other / training.OWNER_MARKER).is_file()
+    assert (other / "model.safetensors").read_bytes() != before["model.safetensors"]
+    AutoModelForCausalLM.from_pretrained(other)
+    # a folder that is the output of the other command is not ours either
+    pretrain_out = tmp_path / "pretrained-elsewhere"
+    pretrain_out.mkdir()
+    training.write_marker(pretrain_out, "mudd-pretrain")
+    (pretrain_out / "config.json").write_text("{}")
+    code, lines = run_cli(capsys, *cli_args(workspace["model"], workspace["data"], pretrain_out, "--max-steps", 1))
+    assert code == 1 and "holds the output of mudd-pretrain" in lines[0]
+
+
+def test_a_fresh_run_does_not_mix_with_an_earlier_runs_checkpoints(workspace, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 3, "--save-steps", 3)) == 0
+    capsys.readouterr()
+    code, lines = run_cli(capsys, *cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2,
+                                            "--save-steps", 1))
+    assert code == 1 and len(lines) == 1
+    assert "holds the checkpoints of an earlier run (add --resume-from-checkpoint to continue it)" in lines[0]
+    # --force starts over: the result holds this run's checkpoints only
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2, "--save-steps", 1,
+                         "--force")) == 0
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_an_unmarked_output_of_an_earlier_finetune_still_resumes(workspace, tmp_path):
+    """Outputs written before the ownership marker existed are recognised by their checksummed checkpoints."""
+    output = tmp_path / "old"
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2, "--save-steps", 1)) == 0
+    (output / training.OWNER_MARKER).unlink()
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 3, "--save-steps", 1,
+                         "--resume-from-checkpoint")) == 0
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+    assert (output / training.OWNER_MARKER).is_file()
+
+
+def test_a_failed_run_leaves_nothing_behind_and_a_forced_folder_as_it_was(workspace, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat"}\n{"no text": 1}\n')
+    output = tmp_path / "new"
+    code, lines = run_cli(capsys, *cli_args(workspace["model"], bad, output, "--max-steps", 2))
+    assert code == 1 and "bad.jsonl line 2: expected an object with a string field 'text'" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no output, lock or staging folder
+    # a folder taken with --force goes back to what it held
+    other = tmp_path / "other"
+    shutil.copytree(workspace["model"], other)
+    before = sorted(p.relative_to(other).as_posix() for p in other.rglob("*"))
+    code, _ = run_cli(capsys, *cli_args(workspace["model"], bad, other, "--max-steps", 2, "--force"))
+    assert code == 1 and sorted(p.relative_to(other).as_posix() for p in other.rglob("*")) == before
+    # an empty folder the user made stays, empty
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _ = run_cli(capsys, *cli_args(workspace["model"], bad, empty, "--max-steps", 2))
+    assert code == 1 and list(empty.iterdir()) == []
+
+
+def test_a_failed_final_save_leaves_the_previous_result_whole(workspace, tmp_path, monkeypatch, capsys):
+    """The disk fills up at the final rename: the output keeps the previous run's model and all checkpoints, and
+    no staging folder stays."""
+    output = tmp_path / "out"
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 2, "--save-steps", 1)) == 0
+    before = {p.relative_to(output).as_posix(): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    real_publish = training.publish
+
+    def full_disk(staging, target):
+        assert (staging / "checkpoint-3").is_dir()  # the checkpoints were gathered with the final model
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(training, "publish", full_disk)
+    code, lines = run_cli(capsys, *cli_args(workspace["model"], workspace["data"], output, "--max-steps", 3,
+                                            "--save-steps", 1, "--resume-from-checkpoint"))
+    assert code == 1 and len(lines) == 1 and f"{output}: the disk is full" in lines[0]
+    after = {p.relative_to(output).as_posix(): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if not k.startswith("checkpoint-3/")} == before
+    assert (output / "checkpoint-3" / finetune.CHECKPOINT_MANIFEST).is_file()  # back in place, for resuming
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setattr(training, "publish", real_publish)
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 3, "--save-steps", 1,
+                         "--resume-from-checkpoint")) == 0
+    # checkpoint-3 had reached --max-steps: its weights are the result, no step is added
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+    final, saved = load_file(output / "model.safetensors"), load_file(output / "checkpoint-3" / "model.safetensors")
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
+
+
+def test_a_full_disk_at_the_final_save_of_a_new_output_leaves_nothing(workspace, tmp_path):
+    import resource
+
+    limit = 60_000  # the config and tokenizer fit, the weights (about 250 KB) do not
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    (tmp_path / "out").parent.mkdir(exist_ok=True)
+    argv = cli_args(workspace["model"], workspace["data"], tmp_path / "out", "--max-steps", 1)
+    result = subprocess.run([sys.executable, "-m", "modeling_muddpythia.cli_finetune", *argv], capture_output=True,
+                            text=True, preexec_fn=set_limit, env=cli_env(), timeout=300)
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert result.returncode == 1 and len(lines) == 1 and "file size limit" in lines[0], result.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epochs", "-3"], "argument --epochs: must be at least 0, got -3"),
+    (["--max-steps", "-5", "--epochs", "0"], "argument --max-steps: must be at least 1, got -5"),
+    (["--epochs", "0"], "--epochs 0 trains nothing"),
+    (["--epochs", "nan"], "argument --epochs: must be a finite number, got 'nan'"),
+    (["--learning-rate", "inf"], "argument --learning-rate: must be a finite number, got 'inf'"),
+    (["--learning-rate", "0"], "argument --learning-rate: must be greater than 0, got 0"),
+    (["--weight-decay", "-0.1"], "argument --weight-decay: must be at least 0, got -0.1"),
+    (["--warmup-steps", "-1"], "argument --warmup-steps: must be at least 0, got -1"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--lora-dropout", "1"], "argument --lora-dropout: must be less than 1, got 1"),
+    (["--lora-alpha", "-16"], "argument --lora-alpha: must be greater than 0, got -16"),
+    (["--lr-scheduler", "cosine_typo"], "argument --lr-scheduler: invalid choice: 'cosine_typo'"),
+    (["--max-length", "1"], "argument --max-length: must be at least 2, got 1"),
+    (["--max-data-bytes", "0"], "argument --max-data-bytes: must be at least 1, got 0"),
+    (["--merge-lora"], "--merge-lora and --lora-freeze-dense need --lora"),
+    (["--fsdp", "--lora"], "--fsdp with --lora is not supported"),
+])
+def test_every_bad_option_is_one_line_before_any_work(workspace, tmp_path, capsys, extra, message):
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(workspace["model"], workspace["data"], output, *extra))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert err.startswith("mudd-finetune: error: ") and not output.exists()
+
+
+def test_epochs_zero_with_max_steps_is_valid(workspace, tmp_path):
+    output = tmp_path / "out"
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--epochs", 0, "--max-steps", 1)) == 0
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_a_tokenizer_with_ids_beyond_the_vocabulary_is_refused(workspace, tmp_path, capsys):
+    big = char_tokenizer()
+    big.add_tokens([f"<extra_{i}>" for i in range(5)])
+    big.save_pretrained(tmp_path / "big")
+    code, lines = run_cli(capsys, *cli_args(workspace["model"], workspace["data"], tmp_path / "o1",
+                                            "--tokenizer", tmp_path / "big", "--max-steps", 1))
+    assert code == 1 and len(lines) == 1
+    assert f"--tokenizer: the tokenizer has {VOCAB + 5} ids but the model's vocabulary has {VOCAB}" in lines[0]
+    assert not (tmp_path / "o1").exists()
+    char_tokenizer().save_pretrained(tmp_path / "same")  # the neighbour: as many ids as the vocabulary
+    assert main(cli_args(workspace["model"], workspace["data"], tmp_path / "o2", "--tokenizer", tmp_path / "same",
+                         "--max-steps", 1)) == 0
+
+
+def test_resuming_from_another_models_checkpoint_is_refused(workspace, tmp_path, capsys):
+    wide = save_folder(tmp_path / "wide", MUDDPythiaForCausalLM(tiny_config(hidden_size=64)), char_tokenizer())
+    other_run = tmp_path / "wide-run"
+    assert main(cli_args(wide, workspace["data"], other_run, "--max-steps", 1, "--save-steps", 1)) == 0
+    capsys.readouterr()
+    code, lines = run_cli(capsys, *cli_args(workspace["model"], workspace["data"], tmp_path / "out", "--max-steps", 2,
+                                            "--resume-from-checkpoint", other_run / "checkpoint-1"))
+    assert code == 1 and len(lines) == 1
+    assert f"--resume-from-checkpoint {other_run / 'checkpoint-1'}: cannot resume from it: it was saved from another " \
+           "model (hidden_size 64, this model has 32)" in lines[0]
+    # without its config.json the tensors tell
+    (other_run / "checkpoint-1" / "config.json").unlink()
+    problem = training.checkpoint_mismatch(other_run / "checkpoint-1", MUDDPythiaForCausalLM(tiny_config()))
+    assert f"has shape ({VOCAB}, 64), this model's is ({VOCAB}, 32)" in problem
+    # the neighbour: a checkpoint of the same model resumes
+    assert training.checkpoint_mismatch(other_run / "checkpoint-1", MUDDPythiaForCausalLM(tiny_config(hidden_size=64))) is None
+
+
+def test_data_is_read_with_a_bound(workspace, tmp_path, capsys):
+    """An endless single line (/dev/zero) and an endless stream of lines (a FIFO fed forever) end in one-line errors
+    naming the option, within a memory limit far below what reading them whole would take."""
+    (tmp_path / "zeros.txt").symlink_to("/dev/zero")
+    with pytest.raises(finetune.FinetuneError, match=r"zeros.txt line 1: longer than --max-document-bytes \(1000 bytes\)"):
+        read_texts([tmp_path / "zeros.txt"], max_document_bytes=1000)
+    fifo = tmp_path / "endless.txt"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen([sys.executable, "-c", f"import sys\nwith open({str(fifo)!r}, 'w') as f:\n"
+                               "    while True: f.write('the cat sat\\n')"], stderr=subprocess.DEVNULL)
+    try:
+        code, lines = run_cli(capsys, *cli_args(workspace["model"], fifo, tmp_path / "out", "--max-steps", 1,
+                                                "--max-data-bytes", 1_000_000))
+        assert code == 1 and len(lines) == 1 and "--data: more than --max-data-bytes bytes to read" in lines[0]
+    finally:
+        writer.kill()
+        writer.wait()
+    # the whole command with the default bounds, in a process limited to 4 GiB of address space: /dev/zero is
+    # refused after 16 MiB
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    argv = cli_args(workspace["model"], tmp_path / "zeros.txt", tmp_path / "out2", "--max-steps", 1)
+    result = subprocess.run([sys.executable, "-m", "modeling_muddpythia.cli_finetune", *argv], capture_output=True,
+                            text=True, env=cli_env(), preexec_fn=limit_memory, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert "zeros.txt line 1: longer than --max-document-bytes (16777216 bytes)" in lines[0]
+    assert not (tmp_path / "out2").exists()
+    # the neighbour: a file within the bounds reads
+    assert read_texts([workspace["data"]], max_data_bytes=workspace["data"].stat().st_size)[0]
+
+
+def test_imports_run_one_way():
+    """train_options imports nothing of the package nor anything heavy; finetune never imports the commands."""
+    import ast
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((Path(finetune.__file__).parent / f"{module}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                found.add(("." * node.level) + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        return found
+
+    assert imports("train_options") <= {"__future__", "argparse", "math"}
+    for module in ("finetune", "training", "pretrain"):
+        assert not {name for name in imports(module) if "cli_" in name}, module
+    assert ".finetune" in imports("cli_finetune") and ".train_options" in imports("finetune")

@@ -420,7 +420,8 @@ def test_bad_layer_counts_are_one_line(source, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------- --help
 def test_help_is_fast_and_imports_neither_torch_nor_transformers():
-    for module in ("modeling_muddpythia.cli_convert", "modeling_muddpythia.cli_finetune"):
+    for module in ("modeling_muddpythia.cli_convert", "modeling_muddpythia.cli_finetune",
+                   "modeling_muddpythia.cli_pretrain"):
         start = time.perf_counter()
         result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], capture_output=True,
                                 text=True, cwd=REPO)
@@ -433,11 +434,13 @@ def test_help_is_fast_and_imports_neither_torch_nor_transformers():
         assert elapsed < 2.0, f"{module} --help took {elapsed:.2f}s"  # about 0.1 s; generous for a loaded machine
 
 
-@pytest.mark.parametrize("module", ["convert", "finetune"])
+@pytest.mark.parametrize("module", ["convert", "finetune", "pretrain"])
 def test_every_option_has_help_text_and_its_default(module):
     from modeling_muddpythia import cli_convert as convert_command, cli_finetune as finetune_command
+    from modeling_muddpythia import cli_pretrain as pretrain_command
 
-    parser = {"convert": convert_command, "finetune": finetune_command}[module].build_parser()
+    commands = {"convert": convert_command, "finetune": finetune_command, "pretrain": pretrain_command}
+    parser = commands[module].build_parser()
     for action in parser._actions:
         if action.dest == "help":
             continue
