@@ -34,8 +34,6 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "experiments").glob("*/*.md"))]
-# Pages that the README links and that other work adds to docs/; the link check accepts them missing until then.
-PAGES_ADDED_LATER = {"docs/serving.md", "docs/pretraining.md"}
 MARKER = re.compile(r"<!--\s*readme-test:(.*?)-->")
 MAX_SKIPPED = 3
 # modules of optional extras (module -> extra); `make test` installs them all, a bare `.[test]` lacks lm_eval
@@ -236,8 +234,7 @@ def broken_links(page: Path) -> list[str]:
         resolved = (page.parent / path).resolve() if path else page
         name = str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
         if not resolved.exists():
-            if name not in PAGES_ADDED_LATER:
-                problems.append(f"{target}: {name} does not exist")
+            problems.append(f"{target}: {name} does not exist")
         elif anchor and (resolved.suffix != ".md" or anchor not in heading_anchors(resolved.read_text())):
             problems.append(f"{target}: no heading with anchor #{anchor} in {name}")
     return problems
