@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, Trainin
 from .modeling_mudd_decoder import MUDDDecoderForCausalLM
 from .mudd import MUDDDenseConnections
 from .muddify import muddify
-from .safe_output import describe_os_error, display
+from .safe_output import describe_os_error, display, mark_owner, owner
 from .train_options import (  # noqa: F401  (public names)
     DEFAULT_MAX_DATA_BYTES, DEFAULT_MAX_DOCUMENT_BYTES, LORA_TARGET_MODULES, MUDDIFIABLE,
     build_finetune_parser as build_parser, parse_finetune_args,
@@ -283,7 +283,11 @@ def save_result(trainer: Trainer, args: argparse.Namespace, owned: OwnedOutput |
     `--merge-lora` the merged model goes to `output` and the adapter to `output/adapter`. Without `owned` (a caller
     that manages no claim) the output is published as if this command owned it.
     """
-    owned = owned or OwnedOutput(args.output, TOOL)
+    if owned is None:
+        owned = OwnedOutput(args.output, TOOL)
+        output = Path(args.output)
+        if trainer.is_world_process_zero() and output.is_dir() and owner(output) is None:
+            mark_owner(output, TOOL)  # the folder Trainer made for this run: published as this command's own
     staging = owned.staging
     if trainer.is_world_process_zero():
         owned.prepare_staging()

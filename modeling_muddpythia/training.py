@@ -5,7 +5,7 @@ Output ownership (`OwnedOutput`, built on `safe_output`):
 
 * the output is claimed (`safe_output.Claim`) for the whole run: a second run on it fails at once, naming the
   holder's pid;
-* a folder that holds something a run of the same command did not write (no `.mudd-training.json` marker naming it)
+* a folder that holds something a run of the same command did not write (no `safe_output.OWNER_MARKER` naming it)
   is refused unless `--force`; a previous run's own output is accepted, so that it resumes;
 * the final model is written into the staging folder `.NAME.partial-final` beside the output, this run's folders
   (checkpoints, ...) are moved into it by rename, and it replaces the output in one rename (`safe_output.publish`):
@@ -37,7 +37,8 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from .convert_io import open_safetensors, write_failure_message
 from .safe_output import (
-    Claim, OutputError, describe_os_error, display, fsync_path, fsync_tree, publish, same_or_nested,
+    OWNER_MARKER, Claim, OutputError, describe_os_error, display, fsync_path, fsync_tree, mark_owner, owner, publish,
+    same_or_nested,
 )
 
 
@@ -45,8 +46,6 @@ from .safe_output import (
 CHECKPOINT_MANIFEST = "mudd_checkpoint.json"
 # mudd-pretrain's data position, saved in each of its checkpoints.
 DATA_STATE = "mudd_data_state.json"
-# Written into an output folder by the command that owns it (see `OwnedOutput`).
-OWNER_MARKER = ".mudd-training.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # Config fields that make two models' weights incompatible (compared before resuming from a checkpoint).
 _SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -177,20 +176,6 @@ def load_tokenizer(path: str | Path):
 # --------------------------------------------------------------------------------------------------- the output
 
 
-def _read_marker(folder: Path) -> dict | None:
-    try:
-        marker = json.loads((folder / OWNER_MARKER).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return marker if isinstance(marker, dict) else None
-
-
-def write_marker(folder: Path, tool: str) -> None:
-    temporary = folder / f"{OWNER_MARKER}.tmp"
-    temporary.write_text(json.dumps({"tool": tool, "format": 1}) + "\n")
-    os.replace(temporary, folder / OWNER_MARKER)
-
-
 def _has_complete_checkpoint(folder: Path) -> bool:
     return folder.is_dir() and any(_CHECKPOINT_NAME.match(p.name) and checkpoint_problem(p) is None
                                    for p in folder.iterdir())
@@ -244,8 +229,8 @@ class OwnedOutput:
             self._check_owner()
             self.created = not output.exists()
             output.mkdir(exist_ok=True)
-            if self.foreign is None and _read_marker(output) is None:
-                write_marker(output, self.tool)
+            if self.foreign is None and owner(output) is None:
+                mark_owner(output, self.tool)
         except OSError as error:
             self._release()
             raise TrainingError(describe_os_error(error, output, "write to it")) from None
@@ -259,8 +244,7 @@ class OwnedOutput:
         the user's, and an error."""
         if not (self.staging.exists() or self.staging.is_symlink()):
             return
-        marker = _read_marker(self.staging) if self.staging.is_dir() and not self.staging.is_symlink() else None
-        if marker is None or marker.get("tool") != self.tool:
+        if owner(self.staging) != self.tool:  # (a link or a file has no owner)
             raise TrainingError(f"--output {display(self.output)}: {display(self.staging)} exists and was not written "
                                 f"by {self.tool}; move it away (this run stages its final model there)")
         shutil.rmtree(self.staging)
@@ -270,7 +254,7 @@ class OwnedOutput:
         """The (new, empty but for our marker) staging folder for the final model; main process only."""
         shutil.rmtree(self.staging, ignore_errors=True)
         os.mkdir(self.staging)
-        write_marker(self.staging, self.tool)
+        mark_owner(self.staging, self.tool)
         return self.staging
 
     def _check_owner(self) -> None:
@@ -280,17 +264,17 @@ class OwnedOutput:
         if not output.exists():
             return
         entries = sorted(p.name for p in output.iterdir())
-        marker = _read_marker(output)
-        ours = marker is not None and marker.get("tool") == self.tool
-        if not ours and marker is None and self.tool == "mudd-finetune" and _unmarked_finetune_output(output):
-            write_marker(output, self.tool)
+        written_by = owner(output)
+        ours = written_by == self.tool
+        if written_by is None and self.tool == "mudd-finetune" and _unmarked_finetune_output(output):
+            mark_owner(output, self.tool)
             ours = True
         if not entries or (ours and (self.resume or not _has_complete_checkpoint(output))):
             return
         if ours:
             what = "the checkpoints of an earlier run (add --resume-from-checkpoint to continue it)"
         else:
-            what = f"the output of {marker.get('tool')}" if marker else f"files {self.tool} did not write"
+            what = f"the output of {written_by}" if written_by else f"files {self.tool} did not write"
         if not self.force:
             examples = ", ".join(entry for entry in entries if entry != OWNER_MARKER)[:80]
             raise TrainingError(
@@ -305,7 +289,12 @@ class OwnedOutput:
         model, and put the staging folder in the output's place with one rename."""
         if not self.main:
             return
-        write_marker(self.staging, self.tool)
+        mark_owner(self.staging, self.tool)
+        previous_marker = None
+        if self.foreign is not None:  # taken with --force: the user allowed this run to replace it
+            marker = self.output / OWNER_MARKER
+            previous_marker = marker.read_bytes() if marker.is_file() and not marker.is_symlink() else None
+            mark_owner(self.output, self.tool)
         staged = {p.name for p in self.staging.iterdir()}
         carried = [p for p in (self.output.iterdir() if self.output.is_dir() else [])
                    if p.is_dir() and not p.is_symlink() and p.name not in staged
@@ -315,8 +304,10 @@ class OwnedOutput:
             for entry in carried:
                 os.replace(entry, self.staging / entry.name)
                 moved.append(entry.name)
-            publish(self.staging, self.output)
+            publish(self.staging, self.output, self.tool)
         except BaseException:
+            if previous_marker is not None:  # the folder taken with --force keeps its own marker
+                (self.output / OWNER_MARKER).write_bytes(previous_marker)
             for name in moved:  # the checkpoints go back where they were
                 if (self.staging / name).exists() and not (self.output / name).exists():
                     os.replace(self.staging / name, self.output / name)

@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from modeling_muddpythia import MUDDFormerConfig, MUDDFormerForCausalLM, MUDDPythiaConfig, MUDDPythiaForCausalLM
-from modeling_muddpythia import finetune, training
+from modeling_muddpythia import finetune, safe_output, training
 from modeling_muddpythia.finetune import (
     LORA_TARGET_MODULES,
     CausalLMPaddingCollator,
@@ -714,7 +714,7 @@ def test_another_models_folder_is_refused_without_force_and_replaced_whole_with_
     # a folder that is the output of the other command is not ours either
     pretrain_out = tmp_path / "pretrained-elsewhere"
     pretrain_out.mkdir()
-    training.write_marker(pretrain_out, "mudd-pretrain")
+    safe_output.mark_owner(pretrain_out, "mudd-pretrain")
     (pretrain_out / "config.json").write_text("{}")
     code, lines = run_cli(capsys, *cli_args(workspace["model"], workspace["data"], pretrain_out, "--max-steps", 1))
     assert code == 1 and "holds the output of mudd-pretrain" in lines[0]
@@ -774,7 +774,7 @@ def test_a_failed_final_save_leaves_the_previous_result_whole(workspace, tmp_pat
     before = {p.relative_to(output).as_posix(): p.read_bytes() for p in output.rglob("*") if p.is_file()}
     real_publish = training.publish
 
-    def full_disk(staging, target):
+    def full_disk(staging, target, tool):
         assert (staging / "checkpoint-3").is_dir()  # the checkpoints were gathered with the final model
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
