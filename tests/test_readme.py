@@ -252,7 +252,7 @@ def test_link_check_finds_missing_files_and_anchors(tmp_path, monkeypatch):
     page = tmp_path / "README.md"
     page.write_text(
         "[ok](docs/a.md#the-main-job-make-run) [ok](#top) `[not a link](nowhere.md)` [web](https://x.org/y)\n"
-        "# Top\n[gone](docs/b.md) [bad anchor](docs/a.md#main-job) [later](docs/serving.md)\n"
+        "# Top\n[gone](docs/b.md) [bad anchor](docs/a.md#main-job)\n"
         "```text\n[in a code block](missing.md)\n```\n"
     )
     assert broken_links(page) == [
