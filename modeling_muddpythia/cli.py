@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 from .evaluation import table3_arguments  # argparse only: evaluation.py imports lm-eval and torch lazily
+from .serve import add_serve_arguments, serve_from_arguments  # argparse only: serve.py imports the server lazily
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     demo.add_argument("--max-new-tokens", type=int, default=12, help="tokens to generate greedily")
     demo.set_defaults(run=_demo)
+
+    serve = command(
+        "serve", "serve a MUDDPythia or MUDDFormer folder through transformers' OpenAI-compatible server "
+        "(/v1/completions, /v1/chat/completions, streaming, continuous batching; needs the `serve` extra)"
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(run=serve_from_arguments)
     return parser
 
 
