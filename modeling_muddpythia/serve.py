@@ -112,9 +112,10 @@ def request_errors(body: object, schema, field_ranges: dict = FIELD_RANGES) -> s
     return None
 
 
-def add_request_validation(app) -> None:
+def add_request_validation(app, chat_template_missing: str | None = None) -> None:
     """Reject malformed `/v1/completions` and `/v1/chat/completions` requests with a 422 before they reach
-    transformers' handlers (which would answer 500, or generate with a meaningless setting)."""
+    transformers' handlers (which would answer 500, or generate with a meaningless setting). With
+    `chat_template_missing` (the reason), chat requests get a 400 saying so instead of a 500."""
     from fastapi.responses import JSONResponse
     from pydantic import TypeAdapter
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
@@ -128,6 +129,8 @@ def add_request_validation(app) -> None:
     @app.middleware("http")
     async def validate_request(request, call_next):
         schema = schemas.get(request.url.path)
+        if request.method == "POST" and request.url.path == "/v1/chat/completions" and chat_template_missing:
+            return JSONResponse({"detail": chat_template_missing}, status_code=400)
         if request.method == "POST" and schema is not None:
             try:
                 body = json.loads(await request.body())
@@ -146,6 +149,13 @@ def serve(model: str, **options) -> None:
 
     check_transformers_version(transformers.__version__)
     served_architecture(model)
+    chat_template_missing = None
+    if not getattr(transformers.AutoTokenizer.from_pretrained(model), "chat_template", None):
+        chat_template_missing = (
+            f"{model} has no chat template (`chat_template` in tokenizer_config.json or chat_template.jinja): "
+            "use /v1/completions"
+        )
+        print(f"mudd serve: {chat_template_missing}; /v1/chat/completions answers 400", file=sys.stderr)
     from transformers.cli import serve as transformers_serve
     from transformers.cli.serving import server
 
@@ -154,7 +164,7 @@ def serve(model: str, **options) -> None:
 
     def build_validated_server(*args, **kwargs):
         app = build_server(*args, **kwargs)
-        add_request_validation(app)
+        add_request_validation(app, chat_template_missing)
         return app
 
     server.build_server = build_validated_server  # `Serve` imports it when it builds the app

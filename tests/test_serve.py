@@ -208,7 +208,7 @@ def test_sigterm_stops_the_server_cleanly(pythia):
     assert "Traceback" not in log, log[-3000:]
 
 
-def test_muddformer_folder_serves_without_continuous_batching(tmp_path):
+def test_muddformer_folder_serves_without_continuous_batching_nor_chat_template(tmp_path):
     torch.manual_seed(0)
     config = MUDDFormerConfig(vocab_size=200, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                               num_key_value_heads=2, intermediate_size=192, max_position_embeddings=256,
@@ -223,6 +223,12 @@ def test_muddformer_folder_serves_without_continuous_batching(tmp_path):
             answer = server.client.completions.create(model=server.folder, prompt=prompt, max_tokens=8,
                                                       temperature=0)
             assert answer.choices[0].text == server.expected_completion(prompt, 8), prompt
+        # this folder's tokenizer has no chat template: chat is refused in so many words, completions go on
+        code, answer = server.post("/v1/chat/completions", json.dumps(
+            {"model": server.folder, "messages": [{"role": "user", "content": "k5"}]}).encode())
+        assert code == 400 and "no chat template" in answer["detail"], answer
+        answer = server.client.completions.create(model=server.folder, prompt="the", max_tokens=3, temperature=0)
+        assert answer.choices[0].text == server.expected_completion("the", 3)
     finally:
         assert server.stop() in (0, -signal.SIGTERM)
 
