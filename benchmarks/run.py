@@ -182,7 +182,7 @@ def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int, devic
 
 
 SERVING_REQUESTS = 32
-SERVING_BLOCK_SIZE = 32  # tokens per paged KV cache block
+SERVING_PAGE_SIZE = 32  # tokens per paged KV cache block: the cache is allocated for exactly the requests
 SERVING_BATCH_TOKENS = 512  # tokens per continuous batching step (prefill is split into chunks of this size)
 
 
@@ -200,8 +200,8 @@ def generate_batch_tokens_per_second(model, prompts: list[list[int]], new_tokens
     requests per second of the whole call. The paged cache holds every request at once, so none waits for room."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    blocks = sum(-(-(len(p) + new_tokens) // SERVING_BLOCK_SIZE) for p in prompts)
-    cache = ContinuousBatchingConfig(block_size=SERVING_BLOCK_SIZE, num_blocks=blocks + len(prompts),
+    blocks = sum(-(-(len(p) + new_tokens) // SERVING_PAGE_SIZE) for p in prompts)
+    cache = ContinuousBatchingConfig(page_size=SERVING_PAGE_SIZE, num_blocks=blocks,
                                      max_batch_tokens=SERVING_BATCH_TOKENS)
     generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     start = clock()

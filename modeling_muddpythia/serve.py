@@ -184,9 +184,8 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument("--attn-implementation", default=None, help="eager, sdpa, flex_attention, flash_attention_2")
     parser.add_argument("--continuous-batching", action="store_true",
                         help="batch concurrent requests into one paged-attention forward (model.generate_batch)")
-    parser.add_argument("--cb-block-size", type=int, default=None, help="tokens per paged KV cache block")
     parser.add_argument("--cb-num-blocks", type=int, default=None,
-                        help="paged KV cache blocks (default: sized from free memory)")
+                        help="paged KV cache blocks of 256 tokens (default: sized from free memory)")
     parser.add_argument("--cb-max-batch-tokens", type=int, default=None, help="tokens per continuous batching step")
     parser.add_argument("--cb-max-memory-percent", type=float, default=None,
                         help="fraction of free accelerator memory for the paged KV cache")
@@ -200,8 +199,8 @@ def add_serve_arguments(parser) -> None:
 
 def serve_from_arguments(args) -> int:
     options = {name: getattr(args, name) for name in (
-        "host", "port", "device", "dtype", "attn_implementation", "continuous_batching", "cb_block_size",
-        "cb_num_blocks", "cb_max_batch_tokens", "cb_max_memory_percent", "compile", "chat_template_kwargs",
+        "host", "port", "device", "dtype", "attn_implementation", "continuous_batching", "cb_num_blocks",
+        "cb_max_batch_tokens", "cb_max_memory_percent", "compile", "chat_template_kwargs",
         "default_seed", "enable_cors", "log_level",
     )}
     try:

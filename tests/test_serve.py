@@ -116,8 +116,8 @@ def pythia(tmp_path_factory):
     shutil.copytree(SHIPPED, folder)
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": CHAT_TEMPLATE}))
-    server = Server(folder, folder.parent / "serve.log", "--continuous-batching", "--cb-num-blocks", "256",
-                    "--cb-block-size", "32", "--cb-max-batch-tokens", "512")
+    server = Server(folder, folder.parent / "serve.log", "--continuous-batching", "--cb-num-blocks", "16",
+                    "--cb-max-batch-tokens", "512")
     yield server
     server.stop()
 
