@@ -8,7 +8,9 @@ transformers' server (FastAPI + uvicorn, `transformers.cli.serve.Serve`) does al
   there, in this process only;
 * it passes request fields to generation without checking their types or ranges (a string `max_tokens` is a 500, a
   negative one an empty answer): each completion and chat request is first checked against the OpenAI request
-  schema that transformers' handlers declare, and rejected with a 422 JSON error naming the field.
+  schema that transformers' handlers declare, and rejected with a 422 JSON error naming the field. The check is an
+  HTTP middleware added to the FastAPI app that `Serve` builds with `serving.server.build_server`, which `serve`
+  wraps while it starts the server. A tokenizer without a chat template makes chat requests a 400 saying so.
 
 Both lean on the internals of the serving code, so they are tied to the transformers release this is tested with
 (`TESTED_TRANSFORMERS`); another release stops `mudd serve` with an error instead of serving wrongly.
