@@ -10,6 +10,10 @@ measured alternately (plain, MUDD, MUDD, plain, ...), so that drift in the machi
 * train_step: forward + backward of the model's own loss (labels = inputs), gradients from scratch;
 * decode: greedy `generate` with the default (dynamic) cache after a prompt of `seq` tokens; tokens/s counts the
   new tokens of the batch from the first to the last decoding step (the prompt's forward is not in it);
+* generate_batch (serving throughput, not in the defaults): continuous batching (`model.generate_batch`, what
+  `transformers serve --continuous-batching` and `mudd serve` run) of 32 greedy requests with prompts of mixed
+  lengths (8 to `seq` tokens), `--new-tokens` each; tokens/s counts all new tokens over the whole call, prompts'
+  prefill and scheduling included;
 * peak_memory: the peak memory of one training step (after a first step has created the gradients), each model
   measured in a fresh process of its own that holds only that model: on CUDA the allocator's peak, on CPU the
   process's peak resident set size (VmHWM, reset before the step);
@@ -53,6 +57,7 @@ from benchmarks.families import FAMILIES, Family, build_pair
 TARGETS = {
     "cpu": {
         "forward": ("<=", 1.03), "train_step": ("<=", 1.08), "decode": (">=", 0.95), "peak_memory": ("<=", 1.10),
+        "generate_batch": (">=", 0.95),
         "compiled_forward": ("<=", 1.05), "compiled_train_step": ("<=", 1.10),
     },
     # compiled decode: at most 1.10x the time per token, i.e. at least 1 / 1.10 of the plain model's tokens/s
@@ -65,6 +70,7 @@ METRICS = {  # name -> (unit, higher is better)
     "forward": ("s", False),
     "train_step": ("s", False),
     "decode": ("tokens/s", True),
+    "generate_batch": ("tokens/s", True),
     "peak_memory": ("MiB", False),
     "compiled_forward": ("s", False),
     "compiled_train_step": ("s", False),
@@ -173,6 +179,38 @@ def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int, devic
     )
     steps = len(clock.times) - 1
     return prompt.shape[0] * steps / (clock.times[-1] - clock.times[0])
+
+
+SERVING_REQUESTS = 32
+SERVING_PAGE_SIZE = 32  # tokens per paged KV cache block: the cache is allocated for exactly the requests
+SERVING_BATCH_TOKENS = 512  # tokens per continuous batching step (prefill is split into chunks of this size)
+
+
+def serving_prompts(vocab_size: int, longest: int, count: int = SERVING_REQUESTS, shortest: int = 8) -> list[list[int]]:
+    """`count` prompts of token ids whose lengths are spread evenly over `shortest..longest`, in a shuffled order
+    (fixed seed), so that long and short requests share the batches as they would on a server."""
+    generator = torch.Generator().manual_seed(0)
+    shortest = min(shortest, longest)
+    lengths = torch.linspace(shortest, longest, count).round().long()[torch.randperm(count, generator=generator)]
+    return [torch.randint(0, vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
+
+
+def generate_batch_tokens_per_second(model, prompts: list[list[int]], new_tokens: int) -> float:
+    """Greedy continuous batching of `prompts` (`model.generate_batch`), `new_tokens` each; new tokens of all
+    requests per second of the whole call. The paged cache holds every request at once, so none waits for room."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    blocks = sum(-(-(len(p) + new_tokens) // SERVING_PAGE_SIZE) for p in prompts)
+    cache = ContinuousBatchingConfig(page_size=SERVING_PAGE_SIZE, num_blocks=blocks,
+                                     max_batch_tokens=SERVING_BATCH_TOKENS)
+    generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    start = clock()
+    outputs = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=cache)
+    elapsed = clock() - start
+    generated = sum(len(output.generated_tokens) for output in outputs.values())
+    if generated != len(prompts) * new_tokens:
+        raise RuntimeError(f"generate_batch returned {generated} tokens, expected {len(prompts)} x {new_tokens}")
+    return generated / elapsed
 
 
 def _current_peak_bytes(device: torch.device) -> int:
@@ -397,7 +435,7 @@ def benchmark_case(
             timed_train_step("compiled_train_step", compiled, warmup)
         del compiled
         torch._dynamo.reset()
-    if family.kind == "causal-lm" and ("decode" in args.metrics or args.compile_decode):
+    if family.kind == "causal-lm" and ({"decode", "generate_batch"} & set(args.metrics) or args.compile_decode):
         prompt_len = min(args.prompt_len or seq_len, plain.config.max_position_embeddings - args.new_tokens - 8)
         prompt = inputs["plain"][0]["input_ids"][:, :prompt_len]
         if "decode" in args.metrics:
@@ -408,6 +446,15 @@ def benchmark_case(
                     args.repeats, args.warmup, progress=step,
                 )
             record("decode", samples)
+        if "generate_batch" in args.metrics:
+            prompts = serving_prompts(plain.config.vocab_size, prompt_len)
+            with stage("generate_batch", rounds) as step:
+                samples = interleaved(
+                    {name: (lambda m=model: generate_batch_tokens_per_second(m, prompts, args.new_tokens))
+                     for name, model in models.items()},
+                    args.repeats, args.warmup, progress=step,
+                )
+            record("generate_batch", samples)
         if args.compile_decode:
             samples = {}
             for name, model in models.items():
@@ -445,7 +492,8 @@ def _target_status(metric: str, ratio: float, device_type: str) -> str:
 
 
 # what the MUDD / plain ratio of each metric is a ratio of
-RATIO_NAMES = {"forward": "time", "train_step": "time", "decode": "speed", "peak_memory": "memory",
+RATIO_NAMES = {"forward": "time", "train_step": "time", "decode": "speed", "generate_batch": "speed",
+               "peak_memory": "memory",
                "compiled_forward": "time", "compiled_train_step": "time", "compiled_decode": "speed"}
 
 
@@ -548,10 +596,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dtype of both models (default: float32)")
     parser.add_argument("--attn", default="sdpa", help="attention implementation of both models")
     parser.add_argument("--metrics", nargs="+", default=["forward", "train_step", "decode", "peak_memory"],
-                        choices=["forward", "train_step", "decode", "peak_memory", "compiled_forward",
+                        choices=["forward", "train_step", "decode", "peak_memory", "generate_batch", "compiled_forward",
                                  "compiled_train_step"],
-                        help="what to measure (default: the first four); compiled_*: through "
-                        "torch.compile(fullgraph=True), which takes minutes to compile at 160m")
+                        help="what to measure (default: the first four); generate_batch: continuous batching "
+                        "throughput of 32 requests; compiled_*: through torch.compile(fullgraph=True), which takes "
+                        "minutes to compile at 160m")
     parser.add_argument("--repeats", type=int, default=None,
                         help="measured runs per model, the median is reported (default: 5)")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured runs per model before the repeats (default: 1)")

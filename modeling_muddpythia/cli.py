@@ -18,6 +18,7 @@ from pathlib import Path
 
 # argparse only: evaluation.py imports lm-eval and torch lazily
 from .evaluation import HelpFormatter, integer_at_least, table3_arguments
+from .serve import add_serve_arguments, serve_from_arguments  # argparse only: serve.py imports the server lazily
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -195,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=integer_at_least(0), default=0, help="seed of the random weights")
     demo.add_argument("--max-new-tokens", type=integer_at_least(1), default=12, help="tokens to generate greedily")
     demo.set_defaults(run=_demo)
+
+    serve = command(
+        "serve", "serve a MUDDPythia or MUDDFormer folder through transformers' OpenAI-compatible server "
+        "(/v1/completions, /v1/chat/completions, streaming, continuous batching; needs the `serve` extra)"
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(run=serve_from_arguments)
     return parser
 
 

@@ -60,6 +60,29 @@ def test_peak_memory_reset_and_read_follow_the_process_peak():
     del held
 
 
+def test_serving_throughput_runs_on_a_tiny_size_for_both_decoder_families(tmp_path):
+    status = run.main([
+        "--families", "pythia", "llama", "--sizes", "tiny", "--seq-lens", "24", "--repeats", "1", "--warmup", "0",
+        "--new-tokens", "3", "--metrics", "generate_batch", "--out", str(tmp_path),
+    ])
+    assert status == 0
+    cases = json.loads((tmp_path / "results.json").read_text())["cases"]
+    assert [case["family"] for case in cases] == ["pythia", "llama"]
+    for case in cases:
+        assert set(case["metrics"]) == {"generate_batch"} and not case["failures"]
+        metric = case["metrics"]["generate_batch"]
+        assert metric["ratio"] > 0 and metric["plain"]["median"] > 0 and metric["higher_is_better"]
+
+
+def test_serving_prompts_mix_lengths_from_short_to_the_sequence_length():
+    prompts = run.serving_prompts(vocab_size=100, longest=200)
+    lengths = [len(prompt) for prompt in prompts]
+    assert len(prompts) == run.SERVING_REQUESTS and min(lengths) == 8 and max(lengths) == 200
+    assert len(set(lengths)) == len(lengths) and lengths != sorted(lengths)  # all different, not in order
+    assert all(0 <= token < 100 for prompt in prompts for token in prompt)
+    assert run.serving_prompts(vocab_size=100, longest=200) == prompts  # the same for both models and every run
+
+
 def test_compiled_metrics_run_on_a_tiny_size(tmp_path):
     status = run.main([
         "--families", "pythia", "--sizes", "tiny", "--seq-lens", "16", "--repeats", "1", "--warmup", "0",

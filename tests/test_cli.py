@@ -13,7 +13,7 @@ import pytest
 from modeling_muddpythia import cli
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["main", "eval", "train-tiny", "write-tasks", "demo"]
+COMMANDS = ["main", "eval", "train-tiny", "write-tasks", "demo", "serve"]
 
 
 def imported_modules(command: list[str]) -> set[str]:
