@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, LlamaC
 from .convert_plans import _PLAIN_CONFIG_FIELDS
 from .safe_output import display
 from .train_options import parse_pretrain_args
+from .train_tiny import forward_flops_per_token as flops_per_token_at
 from .training import (
     DATA_STATE, ChecksumCallback, FiniteWeightsCallback, GuardedTrainer, OwnedOutput, TrainingError, check_data_files,
     check_tokenizer_fits, line_documents, load_tokenizer, resolve_checkpoint, run_command, say, train,
@@ -104,18 +105,7 @@ def forward_flops_per_token(model, block_size: int) -> float:
 
     Per token, the count is `a + b * T` at sequence length `T` (attention grows with `T`, the rest does not), so two
     counts at 8 and 16 tokens give it exactly at `block_size` without running a forward pass of that length."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def count(length: int) -> float:
-        ids = torch.zeros((1, length), dtype=torch.long, device=next(model.parameters()).device)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(input_ids=ids)
-        return counter.get_total_flops() / length
-
-    was_training = model.training
-    model.eval()
-    short, long = count(8), count(16)
-    model.train(was_training)
+    short, long = flops_per_token_at(model, 8), flops_per_token_at(model, 16)
     return short + (long - short) * (block_size - 8) / 8
 
 

@@ -143,7 +143,7 @@ def forward_flops_per_token(model, seq_length: int) -> float:
     """Matmul/attention FLOPs of one forward pass per token at `seq_length`, counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    ids = torch.full((1, seq_length), 3, dtype=torch.long)
+    ids = torch.full((1, seq_length), 3, dtype=torch.long, device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
