@@ -1,8 +1,9 @@
 """Writing an output folder safely: an exclusive claim on it, a hidden staging folder, fsync, one rename, and an
 ownership marker so that nothing the tool did not write is ever removed.
 
-Used by `mudd-convert` (the whole output folder is published at once); the pieces are general (a `tool` name is
-passed in) so that other commands can own their outputs the same way. Nothing here imports torch or transformers.
+Used by `mudd-convert` (the whole output folder is published at once) and by the training engine of
+`mudd-finetune` / `mudd-pretrain` (`training.OwnedOutput`); each passes its `tool` name. Nothing here imports torch
+or transformers.
 
 * `Claim(output, tool)`: an exclusive lock (`fcntl.flock` on the hidden file `.NAME.lock` beside the output) held
   for the whole run. A second run on the same output fails at once, naming the holder's pid. The kernel drops the
@@ -10,7 +11,7 @@ passed in) so that other commands can own their outputs the same way. Nothing he
 * Ownership: every published folder carries the marker file `OWNER_MARKER` (JSON naming the tool). `owner(folder)`
   reads it; `check_replaceable(output, tools)` refuses to replace (`--force`) a folder without a marker of one of
   `tools`, and is checked again at the moment of replacement.
-* Staging (`.NAME.partial-PID-RANDOM`) and replaced-folder (`.NAME.replaced-PID-RANDOM`) siblings carry the marker
+* Staging (`.NAME.partial-PID-RANDOM`, or a fixed suffix) and replaced-folder (`.NAME.replaced-PID-RANDOM`) siblings carry the marker
   file `CLAIM_MARKER` from the moment they are created. While the claim is held such siblings can only be left over
   by dead runs: `remove_stale` deletes those that carry the marker, and leaves every other sibling alone (and says
   so), whatever its name.
@@ -239,9 +240,15 @@ def _claimed_folder(path: Path, tool: str) -> Path:
     return path
 
 
-def make_staging(output: Path, tool: str) -> Path:
-    """A new hidden sibling `.NAME.partial-PID-RANDOM` of `output`, carrying `CLAIM_MARKER`."""
-    return _claimed_folder(output.parent / f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}", tool)
+def staging_path(output: Path, suffix: str) -> Path:
+    """The hidden sibling `.NAME.partial-SUFFIX` of `output` (`stale_siblings` recognises the pattern)."""
+    return output.parent / f".{output.name}.partial-{suffix}"
+
+
+def make_staging(output: Path, tool: str, suffix: str | None = None) -> Path:
+    """A new staging folder `staging_path(output, suffix)`, carrying `CLAIM_MARKER`. The default suffix, PID-RANDOM,
+    is unique; a fixed one lets every process of a multi-process run know the path."""
+    return _claimed_folder(staging_path(output, suffix or f"{os.getpid()}-{secrets.token_hex(4)}"), tool)
 
 
 def fsync_path(path: Path, directory: bool = False) -> None:
@@ -260,16 +267,16 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(dirpath), directory=True)
 
 
-def publish(staging: Path, output: Path, tool: str, replaceable: tuple[str, ...] | None = None) -> None:
+def publish(staging: Path, output: Path, tool: str) -> None:
     """fsync `staging`, then rename it to `output`; an existing `output` is replaced only at this point, only when
-    `check_replaceable(output, replaceable)` allows it (default: `(tool,)`), and restored if the second rename
-    fails. `CLAIM_MARKER` is removed from `staging` first, so the published folder does not carry it."""
+    `check_replaceable(output, (tool,))` allows it, and restored if the second rename fails. `CLAIM_MARKER` is
+    removed from `staging` first, so the published folder does not carry it."""
     (staging / CLAIM_MARKER).unlink(missing_ok=True)
     fsync_tree(staging)
     if not output.exists() and not output.is_symlink():
         os.replace(staging, output)
     else:
-        check_replaceable(output, replaceable or (tool,))
+        check_replaceable(output, (tool,))
         holder = _claimed_folder(output.parent / f".{output.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}", tool)
         os.replace(output, holder / output.name)
         try:

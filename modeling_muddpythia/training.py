@@ -7,7 +7,8 @@ Output ownership (`OwnedOutput`, built on `safe_output`):
   holder's pid;
 * a folder that holds something a run of the same command did not write (no `safe_output.OWNER_MARKER` naming it)
   is refused unless `--force`; a previous run's own output is accepted, so that it resumes;
-* the final model is written into the staging folder `.NAME.partial-final` beside the output, this run's folders
+* the final model is written into the staging folder `.NAME.partial-final` beside the output (leftovers of a
+  killed run, recognised by `safe_output`'s claim marker, are removed first), this run's folders
   (checkpoints, ...) are moved into it by rename, and it replaces the output in one rename (`safe_output.publish`):
   the output is never a mix of two models nor a partial one;
 * a failed run removes what it created: a new output folder without a finished checkpoint, the staging folder; in a
@@ -37,8 +38,8 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from .convert_io import open_safetensors, write_failure_message
 from .safe_output import (
-    OWNER_MARKER, Claim, OutputError, describe_os_error, display, fsync_path, fsync_tree, mark_owner, owner, publish,
-    same_or_nested,
+    OWNER_MARKER, Claim, OutputError, describe_os_error, display, fsync_path, fsync_tree, make_staging, mark_owner,
+    owner, publish, remove_stale, same_or_nested, staging_path,
 )
 
 
@@ -47,6 +48,8 @@ CHECKPOINT_MANIFEST = "mudd_checkpoint.json"
 # mudd-pretrain's data position, saved in each of its checkpoints.
 DATA_STATE = "mudd_data_state.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# The staging folder's suffix is fixed, so that every process of a multi-process run knows its path.
+_STAGING_SUFFIX = "final"
 # Config fields that make two models' weights incompatible (compared before resuming from a checkpoint).
 _SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "intermediate_size", "dense_streams", "dynamic_dense")
@@ -207,7 +210,7 @@ class OwnedOutput:
     def __init__(self, output: str | Path, tool: str, force: bool = False,
                  inputs: Sequence[tuple[str, str | None]] = (), resume: bool = False):
         self.output, self.tool, self.force, self.resume = Path(output), tool, force, resume
-        self.staging = self.output.parent / f".{self.output.name}.partial-final"
+        self.staging = staging_path(self.output, _STAGING_SUFFIX)
         self.inputs = inputs
         self.main = is_main_process()
         self._claim: Claim | None = None
@@ -225,7 +228,7 @@ class OwnedOutput:
         except OutputError as error:
             raise TrainingError(f"--output {error}") from None
         try:
-            self._remove_own_staging()
+            self._remove_leftovers()
             self._check_owner()
             self.created = not output.exists()
             output.mkdir(exist_ok=True)
@@ -239,23 +242,21 @@ class OwnedOutput:
             raise
         return self
 
-    def _remove_own_staging(self) -> None:
-        """A staging folder left by a killed run of this command (it carries our marker); anything else there is
-        the user's, and an error."""
-        if not (self.staging.exists() or self.staging.is_symlink()):
-            return
-        if owner(self.staging) != self.tool:  # (a link or a file has no owner)
+    def _remove_leftovers(self) -> None:
+        """Staging and replaced folders that a killed run left beside the output (they carry safe_output's claim
+        marker) are removed; anything else at the staging path is the user's, and an error."""
+        remove_stale(self.output, lambda message: say(self.tool, message))
+        if os.path.lexists(self.staging):
             raise TrainingError(f"--output {display(self.output)}: {display(self.staging)} exists and was not written "
                                 f"by {self.tool}; move it away (this run stages its final model there)")
-        shutil.rmtree(self.staging)
-        say(self.tool, f"removed {display(self.staging)}, left behind by an interrupted run")
 
     def prepare_staging(self) -> Path:
-        """The (new, empty but for our marker) staging folder for the final model; main process only."""
+        """The (new, empty but for the claim marker) staging folder for the final model; main process only."""
         shutil.rmtree(self.staging, ignore_errors=True)
-        os.mkdir(self.staging)
-        mark_owner(self.staging, self.tool)
-        return self.staging
+        try:
+            return make_staging(self.output, self.tool, _STAGING_SUFFIX)
+        except OutputError as error:
+            raise TrainingError(str(error)) from None
 
     def _check_owner(self) -> None:
         output = self.output
@@ -495,8 +496,13 @@ class ChecksumCallback(TrainerCallback):
                 write_checkpoint_manifest(folder)
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: a full model's (maybe sharded) and a LoRA adapter's."""
+    return sorted(folder.glob("model*.safetensors")) + sorted(folder.glob("adapter_model.safetensors"))
+
+
 def _weights_problem(folder: Path) -> str | None:
-    files = sorted(folder.glob("model*.safetensors")) + sorted(folder.glob("adapter_model.safetensors"))
+    files = _weight_files(folder)
     if not files:
         return "no model weights (model.safetensors)"
     for file in files:
@@ -571,7 +577,7 @@ def checkpoint_mismatch(folder: str | Path, model: torch.nn.Module) -> str | Non
     adapter = not sorted(folder.glob("model*.safetensors"))
     if adapter:  # peft saves adapter keys without the adapter name
         own = {re.sub(r"\.default(?=\.)", "", name): shape for name, shape in own.items()}
-    for file in sorted(folder.glob("model*.safetensors")) + sorted(folder.glob("adapter_model.safetensors")):
+    for file in _weight_files(folder):
         try:
             with open_safetensors(file) as handle:
                 for name in handle.keys():

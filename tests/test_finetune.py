@@ -766,6 +766,28 @@ def test_a_failed_run_leaves_nothing_behind_and_a_forced_folder_as_it_was(worksp
     assert code == 1 and list(empty.iterdir()) == []
 
 
+def test_leftovers_of_a_killed_run_are_removed_and_a_users_staging_folder_is_refused(workspace, tmp_path, capsys):
+    """Beside the output, the staging and replaced folders a killed run left (they carry the claim marker) are removed
+    by the next run; a folder of the user's at the staging path is an error and stays."""
+    output = tmp_path / "out"
+    staging = safe_output.make_staging(output, "mudd-finetune", "final")
+    (staging / "model.safetensors").write_bytes(b"half written")
+    replaced = safe_output.make_staging(output, "mudd-finetune")
+    replaced = replaced.rename(replaced.with_name(replaced.name.replace(".partial-", ".replaced-")))
+    users = tmp_path / ".out.old-1"
+    users.mkdir()
+    assert main(cli_args(workspace["model"], workspace["data"], output, "--max-steps", 1)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old-1", "out"]
+
+    mine = tmp_path / "mine"
+    (tmp_path / ".mine.partial-final").mkdir()
+    code, lines = run_cli(capsys, *cli_args(workspace["model"], workspace["data"], mine, "--max-steps", 1))
+    assert code == 1 and lines == [f"mudd-finetune: error: --output {mine}: {tmp_path / '.mine.partial-final'} exists "
+                                   "and was not written by mudd-finetune; move it away (this run stages its final "
+                                   "model there)"]
+    assert (tmp_path / ".mine.partial-final").is_dir() and not mine.exists()
+
+
 def test_a_failed_final_save_leaves_the_previous_result_whole(workspace, tmp_path, monkeypatch, capsys):
     """The disk fills up at the final rename: the output keeps the previous run's model and all checkpoints, and
     no staging folder stays."""
